@@ -1,0 +1,92 @@
+"""The base class of brains and the declaration of what a brain needs from the MTA.
+
+A brain is a class registered under the ``miltermonkey.brains`` entry-point
+group.  The daemon instantiates it once per configured entry with its
+validated options and the monkey, then registers the instance with pluggy;
+its hook methods (marked with :data:`miltermonkey_core.hookimpl`) are called
+from many MTA sessions at once, so per-message data belongs in
+``message.notes`` and never on ``self``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
+
+if TYPE_CHECKING:
+    from miltermonkey_core.monkey import Monkey
+
+#: Milter stages a brain can ask macros for (Postfix/Sendmail names).
+MACRO_STAGES = ("connect", "helo", "envfrom", "envrcpt", "data", "eoh", "eom")
+
+
+@attrs.frozen
+class Needs:
+    """What a brain needs from the MTA; the daemon negotiates the union.
+
+    Anything no enabled brain needs is not asked for, so Postfix does not
+    even send it: a brain that only adds a header makes the whole milter
+    skip header and body transfer.
+    """
+
+    #: Receive MAIL FROM / RCPT TO (fills ``message.envelope``).
+    envelope: bool = True
+    #: Receive the headers (fills ``message.headers``; calls ``header``).
+    headers: bool = True
+    #: Receive the body (fills ``message.body``; calls ``body``).
+    body: bool = True
+    #: Capabilities the brain may use at EOM (see :class:`~.context.Capability`).
+    actions: frozenset[str] = frozenset()
+    #: Extra macros per stage, e.g. ``{"envfrom": ("{auth_authen}",)}``.
+    macros: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
+    #: Also receive recipients the MTA already rejected (SMFIP_RCPT_REJ).
+    rejected_recipients: bool = False
+
+    def __or__(self, other: Needs) -> Needs:
+        macros: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in self.macros.items()}
+        for stage, names in other.macros.items():
+            macros[stage] = tuple(dict.fromkeys((*macros.get(stage, ()), *names)))
+        return Needs(
+            envelope=self.envelope or other.envelope,
+            headers=self.headers or other.headers,
+            body=self.body or other.body,
+            actions=self.actions | other.actions,
+            macros=macros,
+            rejected_recipients=self.rejected_recipients or other.rejected_recipients,
+        )
+
+    @classmethod
+    def nothing(cls) -> Needs:
+        return cls(envelope=False, headers=False, body=False)
+
+
+@attrs.frozen
+class NoOptions:
+    """Options class of a brain that takes none."""
+
+
+class Brain:
+    """Subclass this, set ``Options`` and ``needs``, and mark hook methods.
+
+    ``name`` is the configured name of this instance (the same brain class can
+    run twice under two names with different options).
+    """
+
+    #: attrs class the brain's config table is validated against.
+    Options: ClassVar[type[Any]] = NoOptions
+    #: Default needs; may be replaced per instance in ``__init__``.
+    needs: Needs = Needs()
+    #: Shown by ``miltermonkey brains``.
+    description: ClassVar[str] = ""
+    #: Failure policy when the config gives none (else the daemon's ``on_error``).
+    default_on_error: ClassVar[str | None] = None
+
+    def __init__(self, options: Any, monkey: Monkey, name: str | None = None) -> None:
+        self.options = options
+        self.monkey = monkey
+        self.name = name or type(self).__name__
+
+    def close_brain(self) -> None:
+        """Release engine connections and threads; called on shutdown and reload."""

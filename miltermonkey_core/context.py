@@ -1,0 +1,389 @@
+"""The milter context brains write to: it records edits and verdicts, applies nothing.
+
+Recording instead of calling libmilter directly buys three things: edits are
+applied once, at end of message, in brain order; a brain that fails can be
+rolled back as if it never ran; and the same code runs offline (``try``, the
+test runner, evaluation mode).
+
+Header indexes follow the MTA's live list (what Postfix's cleanup server and
+Sendmail do): ``change_header(name, v, index=2)`` means the second header of
+that name *as the message stands after earlier edits*, including headers
+earlier brains added and excluding ones they deleted.  The context keeps that
+view itself, so each recorded operation carries the index the MTA will need.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import attrs
+
+from miltermonkey_core.errors import ActionNotNegotiated
+from miltermonkey_core.model import Address, Header, Headers, Message
+from miltermonkey_core.verdict import Action, Verdict
+
+log = logging.getLogger("miltermonkey.context")
+
+_HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # printable ASCII without ':' or space
+
+
+class Capability:
+    """Names of the MTA actions an edit needs (libmilter's SMFIF_* flags)."""
+
+    ADD_HEADERS = "add_headers"
+    CHANGE_HEADERS = "change_headers"
+    CHANGE_BODY = "change_body"
+    ADD_RCPT = "add_rcpt"
+    ADD_RCPT_PAR = "add_rcpt_par"
+    DEL_RCPT = "del_rcpt"
+    QUARANTINE = "quarantine"
+    CHANGE_FROM = "change_from"
+
+    ALL = frozenset(
+        {ADD_HEADERS, CHANGE_HEADERS, CHANGE_BODY, ADD_RCPT, ADD_RCPT_PAR, DEL_RCPT,
+         QUARANTINE, CHANGE_FROM}
+    )
+
+
+def safe_header_value(value: str) -> str:
+    """Make a header value that cannot start a new header or break the message.
+
+    A line break must be followed by whitespace to stay a continuation line;
+    where mail data supplied one without it, a tab is inserted.  NUL and CR
+    are dropped (the MTA adds CRs itself).
+    """
+    value = value.replace("\x00", "").replace("\r\n", "\n").replace("\r", "\n")
+    value = re.sub(r"\n(?![ \t])", "\n\t", value)
+    return value.rstrip("\n\t ")
+
+
+def check_header_name(name: str) -> str:
+    if not _HEADER_NAME.match(name):
+        raise ValueError(f"invalid header name {name!r}")
+    return name
+
+
+# --- the recorded operations, in the MTA's terms ------------------------------------
+
+
+@attrs.frozen
+class AddHeader:
+    name: str
+    value: str
+    brain: str
+    capability = Capability.ADD_HEADERS
+
+
+@attrs.frozen
+class InsertHeader:
+    """Insert at ``index`` (0 = top) of the header list as it stands."""
+
+    index: int
+    name: str
+    value: str
+    brain: str
+    capability = Capability.ADD_HEADERS
+
+
+@attrs.frozen
+class ChangeHeader:
+    """Change the ``index``-th (1-based) header called ``name``; ``None`` deletes it."""
+
+    name: str
+    index: int
+    value: str | None
+    brain: str
+    capability = Capability.CHANGE_HEADERS
+
+
+@attrs.frozen
+class ReplaceBody:
+    """New body, as bytes or a file path (a notice, a defanged copy)."""
+
+    source: bytes | Path
+    brain: str
+    capability = Capability.CHANGE_BODY
+
+    def chunks(self, size: int = 65535) -> Iterable[bytes]:
+        if isinstance(self.source, bytes):
+            for i in range(0, len(self.source), size):
+                yield self.source[i : i + size]
+            return
+        with self.source.open("rb") as f:
+            while piece := f.read(size):
+                yield piece
+
+
+@attrs.frozen
+class AddRcpt:
+    address: str
+    params: str | None
+    brain: str
+
+    @property
+    def capability(self) -> str:
+        return Capability.ADD_RCPT_PAR if self.params else Capability.ADD_RCPT
+
+
+@attrs.frozen
+class DelRcpt:
+    address: str
+    brain: str
+    capability = Capability.DEL_RCPT
+
+
+@attrs.frozen
+class ChangeFrom:
+    address: str
+    params: str | None
+    brain: str
+    capability = Capability.CHANGE_FROM
+
+
+@attrs.frozen
+class Quarantine:
+    reason: str
+    brain: str
+    capability = Capability.QUARANTINE
+
+
+Edit = AddHeader | InsertHeader | ChangeHeader | ReplaceBody | AddRcpt | DelRcpt | ChangeFrom
+EDIT_TYPES = (AddHeader, InsertHeader, ChangeHeader, ReplaceBody, AddRcpt, DelRcpt, ChangeFrom)
+
+
+@attrs.define
+class _Mark:
+    """Where a brain started, so its edits can be rolled back."""
+
+    brain: str
+    n_edits: int
+    view: list[Header]
+    recipients: list[str]
+    quarantine: Quarantine | None
+    verdict: Verdict | None
+
+
+class MilterContext:
+    """What a brain uses at end of message to edit the message and give a verdict.
+
+    One context serves the whole brain chain of one message; the dispatcher
+    tells it which brain is speaking.  ``allowed`` is the set of capabilities
+    negotiated with the MTA; anything else is refused with a log line.
+    """
+
+    def __init__(self, message: Message, allowed: frozenset[str] = Capability.ALL) -> None:
+        self.message = message
+        self.allowed = allowed
+        self.edits: list[Edit] = []
+        self.refused: list[str] = []
+        self.quarantine_request: Quarantine | None = None
+        self._verdict: Verdict | None = None
+        self._view: list[Header] = list(message.headers)
+        self._recipients: list[str] = [r.address for r in message.envelope.recipients]
+        self._brain = "core"
+        self._mark: _Mark | None = None
+
+    # --- driven by the dispatcher -----------------------------------------------
+
+    @property
+    def brain(self) -> str:
+        """The brain currently speaking (edits are attributed to it)."""
+        return self._brain
+
+    def begin(self, brain: str) -> None:
+        self._brain = brain
+        self._mark = _Mark(brain, len(self.edits), list(self._view), list(self._recipients),
+                           self.quarantine_request, self._verdict)
+
+    def rollback(self) -> list[Edit]:
+        """Undo everything the current brain recorded; return what was undone."""
+        m = self._mark
+        if m is None:
+            return []
+        undone = self.edits[m.n_edits :]
+        del self.edits[m.n_edits :]
+        self._view = m.view
+        self._recipients = m.recipients
+        self.quarantine_request = m.quarantine
+        self._verdict = m.verdict
+        return undone
+
+    def end(self) -> None:
+        self._mark = None
+        self._brain = "core"
+
+    # --- what brains read -----------------------------------------------------
+
+    @property
+    def headers(self) -> Headers:
+        """The headers as they stand after the edits recorded so far."""
+        return Headers(self._view)
+
+    @property
+    def recipients(self) -> list[str]:
+        return list(self._recipients)
+
+    @property
+    def verdict(self) -> Verdict | None:
+        return self._verdict
+
+    # --- recording ------------------------------------------------------------
+
+    def _allow(self, capability: str, what: str) -> bool:
+        if capability in self.allowed:
+            return True
+        msg = (
+            f"brain {self._brain!r}: {what} refused: the MTA did not negotiate "
+            f"{capability!r} (declare it in the brain's needs, or the MTA is too old)"
+        )
+        self.refused.append(msg)
+        log.error("%s: %s", self.message.id, msg)
+        return False
+
+    def add_header(self, name: str, value: str) -> None:
+        """Append a header at the end of the header block."""
+        name, value = check_header_name(name), safe_header_value(value)
+        if self._allow(Capability.ADD_HEADERS, f"add_header({name})"):
+            self.edits.append(AddHeader(name, value, self._brain))
+            self._view.append(Header.from_str(name, value))
+
+    def insert_header(self, index: int, name: str, value: str) -> None:
+        """Insert a header at ``index`` (0 = very top) of the current list."""
+        name, value = check_header_name(name), safe_header_value(value)
+        index = max(0, min(index, len(self._view)))
+        if self._allow(Capability.ADD_HEADERS, f"insert_header({name})"):
+            self.edits.append(InsertHeader(index, name, value, self._brain))
+            self._view.insert(index, Header.from_str(name, value))
+
+    def _positions(self, name: str) -> list[int]:
+        return [i for i, h in enumerate(self._view) if h.matches(name)]
+
+    def change_header(self, name: str, value: str, index: int = 1) -> None:
+        """Set the ``index``-th header called ``name``; appends if there is none."""
+        name, value = check_header_name(name), safe_header_value(value)
+        if index < 1:
+            raise ValueError("header index is 1-based")
+        if not self._allow(Capability.CHANGE_HEADERS, f"change_header({name})"):
+            return
+        pos = self._positions(name)
+        self.edits.append(ChangeHeader(name, index, value, self._brain))
+        if index <= len(pos):
+            self._view[pos[index - 1]] = Header.from_str(self._view[pos[index - 1]].name, value)
+        else:
+            self._view.append(Header.from_str(name, value))
+
+    def delete_header(self, name: str, index: int = 1) -> None:
+        """Remove the ``index``-th header called ``name``; a no-op if absent."""
+        check_header_name(name)
+        pos = self._positions(name)
+        if index < 1 or index > len(pos):
+            return
+        if self._allow(Capability.CHANGE_HEADERS, f"delete_header({name})"):
+            self.edits.append(ChangeHeader(name, index, None, self._brain))
+            del self._view[pos[index - 1]]
+
+    def delete_all(self, name: str) -> int:
+        """Remove every header called ``name``; returns how many were removed."""
+        n = len(self._positions(name))
+        for _ in range(n):
+            self.delete_header(name, 1)
+        return n - len(self._positions(name))
+
+    def replace_header(self, name: str, value: str) -> None:
+        """Leave exactly one ``name`` header with ``value`` (e.g. X-Spam-Status).
+
+        Forged or stale copies from outside are removed, so downstream filters
+        never see two answers.
+        """
+        n = len(self._positions(name))
+        if n == 0:
+            self.add_header(name, value)
+            return
+        self.change_header(name, value, 1)
+        for _ in range(n - 1):
+            self.delete_header(name, 2)
+
+    def replace_body(self, body: bytes | Path) -> None:
+        if self._allow(Capability.CHANGE_BODY, "replace_body"):
+            self.edits.append(ReplaceBody(body, self._brain))
+
+    def add_rcpt(self, address: str, params: str | None = None) -> None:
+        cap = Capability.ADD_RCPT_PAR if params else Capability.ADD_RCPT
+        if self._allow(cap, f"add_rcpt({address})"):
+            self.edits.append(AddRcpt(address, params, self._brain))
+            self._recipients.append(address)
+
+    def del_rcpt(self, address: str) -> None:
+        if self._allow(Capability.DEL_RCPT, f"del_rcpt({address})"):
+            self.edits.append(DelRcpt(address, self._brain))
+            want = Address(address).bare.lower()
+            self._recipients = [r for r in self._recipients if Address(r).bare.lower() != want]
+
+    def change_from(self, address: str, params: str | None = None) -> None:
+        if self._allow(Capability.CHANGE_FROM, f"change_from({address})"):
+            self.edits.append(ChangeFrom(address, params, self._brain))
+
+    def quarantine(self, reason: str) -> None:
+        """Ask the MTA to hold the message (Postfix hold queue, Sendmail quarantine)."""
+        reason = " ".join(reason.split()) or "quarantined"
+        if self._allow(Capability.QUARANTINE, "quarantine"):
+            self.quarantine_request = Quarantine(reason, self._brain)
+
+    # --- verdicts -------------------------------------------------------------
+
+    def set_verdict(self, verdict: Verdict) -> None:
+        self._verdict = verdict.by(self._brain)
+
+    def accept(self, reason: str = "") -> None:
+        """Say this brain is happy with the message; the chain goes on."""
+        self.set_verdict(Verdict.accept(reason))
+
+    def reject(
+        self,
+        code: int = 550,
+        xcode: str | None = "5.7.1",
+        text: str | list[str] = "Message refused",
+        reason: str = "",
+    ) -> None:
+        """Refuse the message with a 5xx reply; stops the chain."""
+        self.set_verdict(Verdict.reject(code, xcode, text, reason))
+
+    def tempfail(
+        self,
+        code: int = 451,
+        xcode: str | None = "4.7.1",
+        text: str | list[str] = "Try again later",
+        reason: str = "",
+    ) -> None:
+        """Ask the client to retry later with a 4xx reply; stops the chain."""
+        self.set_verdict(Verdict.tempfail(code, xcode, text, reason))
+
+    def discard(self, reason: str = "") -> None:
+        """Accept the message and silently drop it; stops the chain."""
+        self.set_verdict(Verdict.discard(reason))
+
+    @property
+    def final(self) -> bool:
+        return self._verdict is not None and self._verdict.final
+
+    @property
+    def action(self) -> Action:
+        return self._verdict.action if self._verdict else Action.CONTINUE
+
+    def summary(self) -> list[str]:
+        """Human-readable lines for ``miltermonkey try`` and logs."""
+        out = [f"{type(e).__name__} {attrs.asdict(e)}" for e in self.edits]
+        if self.quarantine_request:
+            out.append(f"Quarantine {self.quarantine_request.reason!r}")
+        return out
+
+
+def check_allowed(edit: Edit | Quarantine, allowed: frozenset[str]) -> None:
+    """Raise if an edit needs a capability outside ``allowed`` (used by the adapter)."""
+    if edit.capability not in allowed:
+        raise ActionNotNegotiated(
+            f"{type(edit).__name__} from brain {edit.brain!r} needs {edit.capability!r}"
+        )

@@ -1,0 +1,277 @@
+"""Per-session message handling, independent of libmilter.
+
+The adapter translates libmilter callbacks into calls on a :class:`Session`;
+the offline runner (``miltermonkey try``, the in-process test runner) makes
+the same calls from a parsed .eml file.  Both therefore run exactly the same
+code path from MAIL FROM to the final decision.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import attrs
+
+from miltermonkey_core.brain import Needs
+from miltermonkey_core.context import Capability, MilterContext
+from miltermonkey_core.dispatch import UNCHECKED_HEADER, BrainResult, Chain
+from miltermonkey_core.logs import ROOT
+from miltermonkey_core.model import Address, Body, Connection, Header, Message
+from miltermonkey_core.monkey import Monkey
+from miltermonkey_core.verdict import Action, Verdict
+
+log = logging.getLogger(f"{ROOT}.engine")
+
+_ids = itertools.count(1)
+
+
+class KeyService(Protocol):
+    """What the engine needs from the milter key (see :mod:`miltermonkey_core.milterkey`)."""
+
+    header_names: tuple[str, ...]
+
+    def inspect(self, message: Message) -> Any: ...
+
+    def finish(self, message: Message, ctx: MilterContext, results: list[BrainResult],
+               inspected: Any) -> None: ...
+
+
+@attrs.define
+class Decision:
+    """The outcome of end of message, for the adapter to send."""
+
+    verdict: Verdict | None
+    ctx: MilterContext
+    results: list[BrainResult]
+    seconds: float = 0.0
+
+    @property
+    def action(self) -> Action:
+        return self.verdict.action if self.verdict else Action.ACCEPT
+
+
+@attrs.define
+class EngineSettings:
+    spool_threshold: int = 1024 * 1024
+    tmpdir: str | None = None
+    max_message_size: int = 0
+
+
+class Engine:
+    """The configured chain plus the core's own per-message duties."""
+
+    def __init__(
+        self,
+        chain: Chain,
+        monkey: Monkey,
+        settings: EngineSettings | None = None,
+        key: KeyService | None = None,
+    ) -> None:
+        self.chain = chain
+        self.monkey = monkey
+        self.settings = settings or EngineSettings()
+        self.key = key
+        monkey.key = key
+        for slot in chain.slots:
+            slot.monkey.key = key
+
+    def needs(self) -> Needs:
+        """What to negotiate: the brains' union plus what the core itself needs."""
+        n = self.chain.needs() | Needs(envelope=False, headers=False, body=False,
+                                       actions=frozenset({Capability.ADD_HEADERS}))
+        if self.key is not None:
+            n = n | Needs(envelope=False, headers=True, body=True,
+                          actions=frozenset({Capability.ADD_HEADERS,
+                                             Capability.CHANGE_HEADERS}))
+        return n
+
+    def session(self, connection: Connection | None = None) -> Session:
+        conn = connection or Connection(id=f"S{next(_ids)}")
+        return Session(self, conn)
+
+
+class Session:
+    """One SMTP session: what the brains said so far and the message in progress."""
+
+    def __init__(self, engine: Engine, connection: Connection) -> None:
+        self.engine = engine
+        self.connection = connection
+        self.session_skips: set[str] = set()
+        self.message: Message | None = None
+        self.message_skips: set[str] = set()
+        self.last_activity = time.monotonic()
+        self.lock = threading.Lock()
+        self.closed = False
+        self._oversize = False
+
+    @property
+    def qid(self) -> str:
+        return self.message.id if self.message else self.connection.id
+
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    def _skips(self) -> set[str]:
+        return self.message_skips
+
+    # --- session stage ----------------------------------------------------------
+
+    def connect(self) -> Verdict | None:
+        self.touch()
+        return self.engine.chain.call_stage("connect", self.session_skips, self.qid,
+                                            connection=self.connection)
+
+    def helo(self, name: str) -> Verdict | None:
+        self.touch()
+        self.connection.helo = name
+        return self.engine.chain.call_stage("helo", self.session_skips, self.qid,
+                                            connection=self.connection, helo=name)
+
+    # --- envelope -----------------------------------------------------------------
+
+    def _new_message(self) -> Message:
+        s = self.engine.settings
+        self.reset_message()
+        self.message = Message(connection=self.connection,
+                               body=Body(threshold=s.spool_threshold, tmpdir=s.tmpdir))
+        self.message_skips = set(self.session_skips)
+        self._oversize = False
+        return self.message
+
+    def ensure_message(self) -> Message:
+        """The message in progress; started here when MAIL FROM was not negotiated."""
+        return self.message if self.message is not None else self._new_message()
+
+    def envfrom(
+        self, sender: str, params: tuple[str, ...] = (), macros: dict[str, str] | None = None
+    ) -> Verdict | None:
+        self.touch()
+        msg = self._new_message()
+        addr = Address(sender, params)
+        msg.envelope.sender = addr
+        if macros:
+            self.macros(macros)
+        return self.engine.chain.call_stage("envfrom", self.message_skips, self.qid,
+                                            message=msg, sender=addr)
+
+    def envrcpt(self, recipient: str, params: tuple[str, ...] = ()) -> Verdict | None:
+        self.touch()
+        msg = self.ensure_message()
+        addr = Address(recipient, params)
+        msg.envelope.recipients.append(addr)
+        v = self.engine.chain.call_stage("envrcpt", set(self.message_skips), self.qid,
+                                         message=msg, recipient=addr)
+        if v is not None and v.final:
+            msg.envelope.recipients.pop()
+        return v
+
+    def macros(self, values: dict[str, str]) -> None:
+        """Record macros the MTA sent for the current stage."""
+        if not values:
+            return
+        self.connection.macros.update(values)
+        if self.message is not None:
+            self.message.macros.update(values)
+            qid = values.get("i")
+            if qid and qid != "NOQUEUE":
+                self.message.queue_id = qid
+
+    # --- content ------------------------------------------------------------------
+
+    def data(self) -> Verdict | None:
+        self.touch()
+        self.ensure_message()
+        return None
+
+    def header(self, name: str, raw: bytes) -> Verdict | None:
+        self.touch()
+        msg = self.ensure_message()
+        h = Header.from_bytes(name, raw)
+        msg.headers = type(msg.headers)((*msg.headers, h))
+        if not self.engine.chain.implemented("header"):
+            return None
+        return self.engine.chain.call_stage("header", self.message_skips, self.qid,
+                                            message=msg, header=h)
+
+    def eoh(self) -> Verdict | None:
+        self.touch()
+        msg = self.ensure_message()
+        return self.engine.chain.call_stage("eoh", self.message_skips, self.qid, message=msg)
+
+    def body(self, chunk: bytes) -> Verdict | None:
+        self.touch()
+        msg = self.ensure_message()
+        limit = self.engine.settings.max_message_size
+        if limit and msg.body.size + len(chunk) > limit:
+            self._oversize = True
+            return None
+        msg.body.write(chunk)
+        if not self.engine.chain.implemented("body"):
+            return None
+        return self.engine.chain.call_stage("body", self.message_skips, self.qid,
+                                            message=msg, chunk=chunk)
+
+    # --- end of message -------------------------------------------------------------
+
+    def eom(
+        self,
+        allowed: frozenset[str] = Capability.ALL,
+        on_brain: Callable[[str], None] | None = None,
+    ) -> Decision:
+        """Run the chain and the core's duties; nothing is sent from here."""
+        self.touch()
+        t0 = time.perf_counter()
+        msg = self.ensure_message()
+        ctx = MilterContext(msg, allowed)
+        if self._oversize:
+            limit = self.engine.settings.max_message_size
+            log.warning("%s: message larger than max_message_size %d: refused", msg.id, limit)
+            v = Verdict.reject(552, "5.3.4", "Message size exceeds fixed limit",
+                               reason="max_message_size").by("core")
+            return Decision(v, ctx, [], time.perf_counter() - t0)
+        key = self.engine.key
+        skips = set(self.message_skips)
+        inspected = None
+        if key is not None:
+            inspected = key.inspect(msg)
+            spared = inspected.skip_brains(self.engine.chain.slots)
+            if spared:
+                log.info("%s: trusted milter key: skipping %s", msg.id, ", ".join(sorted(spared)))
+            skips |= spared
+        outcome = self.engine.chain.run_eom(msg, ctx, skips, on_brain)
+        if outcome.tagged and outcome.verdict is None:
+            ctx.begin("core")
+            ctx.add_header(UNCHECKED_HEADER, ", ".join(outcome.tagged))
+            ctx.end()
+        if key is not None and (outcome.verdict is None or not outcome.verdict.final):
+            ctx.begin("core")
+            key.finish(msg, ctx, outcome.results, inspected)
+            ctx.end()
+        return Decision(outcome.verdict, ctx, outcome.results, time.perf_counter() - t0)
+
+    def reset_message(self) -> None:
+        """Forget the message in progress (after EOM or ABORT); the session goes on."""
+        if self.message is not None:
+            self.message.close()
+        self.message = None
+        self.message_skips = set(self.session_skips)
+
+    def abort(self) -> None:
+        self.touch()
+        if self.message is not None:
+            self.engine.chain.notify("abort", self.qid, message=self.message)
+        self.reset_message()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.message is not None:
+            self.engine.chain.notify("abort", self.qid, message=self.message)
+        self.reset_message()
+        self.engine.chain.notify("close", self.connection.id, connection=self.connection)

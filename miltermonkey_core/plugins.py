@@ -1,0 +1,174 @@
+"""Finding brains by entry point and loading only the configured ones, in order.
+
+pluggy calls the last registered implementation first and its entry-point
+loader walks distributions in installation order, so neither can give the
+order the admin wrote.  Here pluggy validates hook signatures and markers;
+the order and the isolation of calls belong to :mod:`miltermonkey_core.dispatch`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import Any
+
+import attrs
+import pluggy
+
+from miltermonkey_core import hookspecs
+from miltermonkey_core.brain import Brain
+from miltermonkey_core.errors import BrainLoadError
+
+if sys.version_info >= (3, 12):
+    from importlib.metadata import EntryPoint, entry_points
+else:  # pragma: no cover - exercised on 3.11
+    from importlib_metadata import EntryPoint, entry_points
+
+ENTRY_POINT_GROUP = "miltermonkey.brains"
+
+
+def installed_brains() -> dict[str, EntryPoint]:
+    """Every brain any installed distribution registers, by entry-point name."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_brain_class(use: str) -> type[Brain]:
+    """Import the brain class registered as ``use``.
+
+    The error lists what is installed, since a typo or a missing
+    ``pip install`` are the usual causes.
+    """
+    eps = installed_brains()
+    ep = eps.get(use)
+    if ep is None:
+        have = ", ".join(sorted(eps)) or "none"
+        raise BrainLoadError(
+            f"no brain called {use!r} is installed (installed brains: {have}); "
+            f"install its package, e.g. pip install miltermonkey-{use}"
+        )
+    try:
+        obj = ep.load()
+    except Exception as e:
+        dist = ep.dist.name if ep.dist else "?"
+        raise BrainLoadError(
+            f"brain {use!r} ({ep.value}, from {dist}) failed to import: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    if not (inspect.isclass(obj) and issubclass(obj, Brain)):
+        raise BrainLoadError(
+            f"entry point {use!r} = {ep.value} is not a miltermonkey_core.Brain subclass"
+        )
+    return obj
+
+
+def hooks_of(cls: type) -> list[str]:
+    """Hook names a brain class implements (methods carrying the hookimpl marker)."""
+    out = []
+    for name in hookspecs.HOOKS:
+        fn = getattr(cls, name, None)
+        if fn is not None and getattr(fn, f"{hookspecs.PROJECT}_impl", None) is not None:
+            out.append(name)
+    return out
+
+
+@attrs.frozen
+class BrainInfo:
+    name: str
+    value: str
+    distribution: str
+    version: str
+    hooks: tuple[str, ...]
+    description: str
+    options: tuple[tuple[str, str], ...]
+    error: str | None = None
+
+
+def brain_info() -> list[BrainInfo]:
+    """What ``miltermonkey brains`` shows: one entry per installed brain."""
+    out = []
+    for name, ep in sorted(installed_brains().items()):
+        dist = ep.dist.name if ep.dist else "?"
+        version = ep.dist.version if ep.dist else "?"
+        try:
+            cls = load_brain_class(name)
+        except BrainLoadError as e:
+            out.append(BrainInfo(name, ep.value, dist, version, (), "", (), str(e)))
+            continue
+        opts: list[tuple[str, str]] = []
+        if attrs.has(cls.Options):
+            for f in attrs.fields(cls.Options):
+                default = f.default
+                if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+                    default = default.factory()  # type: ignore[union-attr]
+                opts.append((f.name, repr(default)))
+        desc = cls.description or (inspect.getdoc(cls) or "").split("\n", 1)[0]
+        out.append(BrainInfo(name, ep.value, dist, version, tuple(hooks_of(cls)), desc,
+                             tuple(opts)))
+    return out
+
+
+def new_plugin_manager() -> pluggy.PluginManager:
+    """A plugin manager with the brain contract and nothing registered."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def register(pm: pluggy.PluginManager, brain: Brain, name: str) -> None:
+    """Register one brain instance, refusing ordering requests the config overrides."""
+    for hook in hookspecs.HOOKS:
+        fn = getattr(brain, hook, None)
+        opts: Any = getattr(fn, f"{hookspecs.PROJECT}_impl", None) if fn else None
+        if opts and (opts.get("tryfirst") or opts.get("trylast")):
+            raise BrainLoadError(
+                f"brain {name!r}: hook {hook} asks for tryfirst/trylast; the order of "
+                "brains is set by the config only - remove the flag"
+            )
+    try:
+        pm.register(brain, name=name)
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:
+        raise BrainLoadError(f"brain {name!r} does not fit the brain contract: {e}") from e
+
+
+def build_chain(config: Any, monkey: Any) -> Any:
+    """Load, configure and register the brains ``config`` lists, in its order.
+
+    Returns a :class:`~miltermonkey_core.dispatch.Chain`.  Option errors are
+    raised as ConfigError naming the brain's table, from the config module.
+    """
+    from miltermonkey_core.config import build_brain_options
+    from miltermonkey_core.dispatch import BrainSlot, Chain
+
+    pm = new_plugin_manager()
+    slots = []
+    daemon = config.daemon
+    try:
+        for entry in config.brains:
+            cls = load_brain_class(entry.use)
+            options = build_brain_options(cls, entry, config)
+            bmonkey = monkey.for_brain(entry.name)
+            try:
+                brain = cls(options, bmonkey, entry.name)
+            except Exception as e:
+                raise BrainLoadError(
+                    f"brain {entry.name!r} ({entry.use}) failed to start: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
+            register(pm, brain, entry.name)
+            slots.append(BrainSlot(
+                name=entry.name,
+                use=entry.use,
+                brain=brain,
+                monkey=bmonkey,
+                on_error=entry.on_error or cls.default_on_error or daemon.on_error,
+                timeout=entry.timeout,
+                evaluation=entry.evaluation,
+                skip_if_key=entry.skip_if_key,
+                expiration=entry.expiration,
+            ))
+    except BaseException:
+        for s in slots:
+            s.brain.close_brain()
+        raise
+    return Chain(slots, pm)

@@ -1,0 +1,60 @@
+"""Developer sessions: ``nox -s tests`` (the whole suite, real parts included),
+``lint``, ``types``, ``e2e`` and ``bench``.
+
+Every session installs the core, both brain packages and the test brains
+into its own virtualenv from this checkout, so what is tested is what
+``pip install`` gives a user.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "types"]
+nox.options.reuse_existing_virtualenvs = True
+
+PACKAGES = ["-e", ".", "-e", "plugins/miltermonkey-av", "-e", "plugins/miltermonkey-spam",
+            "-e", "tests/fixture_brains"]
+
+
+def install_project(session: nox.Session) -> None:
+    session.install(*PACKAGES)
+    session.install("pytest>=8", "hypothesis>=6.100")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole test suite, including real Postfix, clamd and spamd tests."""
+    install_project(session)
+    session.run("pytest", *(session.posargs or ["-q"]))
+
+
+@nox.session
+def e2e(session: nox.Session) -> None:
+    """Only the end-to-end tests through a real Postfix."""
+    install_project(session)
+    session.run("pytest", "-m", "e2e", *(session.posargs or ["-q"]))
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over everything."""
+    session.install("ruff>=0.5")
+    session.run("ruff", "check", "miltermonkey_core", "plugins", "tests", "noxfile.py")
+
+
+@nox.session
+def types(session: nox.Session) -> None:
+    """mypy --strict over the core and both brain packages."""
+    install_project(session)
+    session.install("mypy>=1.10")
+    session.run("mypy", "miltermonkey_core")
+    session.run("mypy", "--strict", "plugins/miltermonkey-av/miltermonkey_av")
+    session.run("mypy", "--strict", "plugins/miltermonkey-spam/miltermonkey_spam")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks against the peers on real Postfix, clamd and spamd (needs root)."""
+    install_project(session)
+    session.run("python", "bench/run.py", *session.posargs)
