@@ -149,7 +149,7 @@ class Plan:
             want |= Milter.P_NR_DATA | Milter.P_NR_UNKN
         if self.needs.rejected_recipients:
             want |= Milter.P_RCPT_REJ
-        return offered & want
+        return int(offered & want)
 
 
 class Conn:
@@ -224,7 +224,7 @@ class MilterAdapter:
         ctx = conn.ctx
         values = {}
         for name in self.plan.read_macros[stage]:
-            v = ctx.getsymval(name)
+            v: str | None = ctx.getsymval(name)
             if v is not None:
                 values[name] = v
         return values
@@ -257,11 +257,11 @@ class MilterAdapter:
         opts[2] = 0
         opts[3] = 0
         if self.plan.macros and conn.actions & Milter.SETSYMLIST:
-            for stage, names in self.plan.macros.items():
+            for stage, wanted in self.plan.macros.items():
                 try:
-                    ctx.setsymlist(SYMLIST_STAGES[stage], " ".join(names))
+                    ctx.setsymlist(SYMLIST_STAGES[stage], " ".join(wanted))
                 except milter.error as e:
-                    log.error("cannot request macros %s for %s: %s", names, stage, e)
+                    log.error("cannot request macros %s for %s: %s", wanted, stage, e)
         return int(Milter.CONTINUE)
 
     def _connect(self, ctx: Any, hostname: str, family: int, hostaddr: Any) -> int:
@@ -269,7 +269,7 @@ class MilterAdapter:
         s = conn.session
         c: Connection = s.connection
         c.hostname = hostname
-        if family == socket.AF_INET or family == socket.AF_INET6:
+        if family in (socket.AF_INET, socket.AF_INET6):
             c.family = "inet" if family == socket.AF_INET else "inet6"
             c.address, c.port = hostaddr[0], hostaddr[1]
         elif family == socket.AF_UNIX:

@@ -75,7 +75,7 @@ class Headers(tuple[Header, ...]):
     def get_all(self, name: str) -> list[str]:
         return [h.value for h in self if h.matches(name)]
 
-    def count(self, name: str) -> int:  # type: ignore[override]
+    def count(self, name: str) -> int:  # type: ignore[override,unused-ignore]
         return sum(1 for h in self if h.matches(name))
 
     def __contains__(self, name: object) -> bool:

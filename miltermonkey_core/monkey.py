@@ -14,8 +14,8 @@ import os
 import smtplib
 import socket
 import subprocess
-import tempfile
 from collections.abc import Sequence
+from tempfile import NamedTemporaryFile, TemporaryDirectory
 from typing import IO, TYPE_CHECKING, Any
 
 from miltermonkey_core.logs import ROOT, LevelLogger
@@ -88,12 +88,12 @@ class Monkey:
 
     def tempfile(self, prefix: str = "mm-", suffix: str = "") -> IO[bytes]:
         """A named temporary file in the configured tmpdir, removed on close."""
-        return tempfile.NamedTemporaryFile(  # noqa: SIM115 - the caller owns it
+        return NamedTemporaryFile(
             prefix=prefix, suffix=suffix, dir=self.tmpdir
         )
 
-    def tempdir(self, prefix: str = "mm-") -> tempfile.TemporaryDirectory[str]:
-        return tempfile.TemporaryDirectory(prefix=prefix, dir=self.tmpdir)
+    def tempdir(self, prefix: str = "mm-") -> TemporaryDirectory[str]:
+        return TemporaryDirectory(prefix=prefix, dir=self.tmpdir)
 
     # --- the milter key ---------------------------------------------------------
 

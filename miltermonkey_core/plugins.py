@@ -98,8 +98,8 @@ def brain_info() -> list[BrainInfo]:
         if attrs.has(cls.Options):
             for f in attrs.fields(cls.Options):
                 default = f.default
-                if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
-                    default = default.factory()  # type: ignore[union-attr]
+                if isinstance(default, attrs.Factory):  # type: ignore[arg-type,unused-ignore]
+                    default = default.factory()
                 opts.append((f.name, repr(default)))
         desc = cls.description or (inspect.getdoc(cls) or "").split("\n", 1)[0]
         out.append(BrainInfo(name, ep.value, dist, version, tuple(hooks_of(cls)), desc,

@@ -56,7 +56,7 @@ def milter_session() -> Callable[..., Any]:
 
     def send(address: Any, raw: bytes, sender: str = "<sender@example.test>",
              recipients: Sequence[str] = ("<rcpt@example.test>",), **kw: Any) -> Any:
-        return mta.run_session(address, [mta.Envelope(raw, sender, list(recipients))], **kw)[0]
+        return mta.run_session(address, [mta.MessageSpec(raw, sender, list(recipients))], **kw)[0]
 
     return send
 

@@ -8,9 +8,9 @@ worker pool, not a simulation of them.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
-import shutil
 import subprocess
 import sys
 import tempfile
