@@ -137,7 +137,7 @@ def build_chain(config: Any, monkey: Any) -> Any:
     Returns a :class:`~miltermonkey_core.dispatch.Chain`.  Option errors are
     raised as ConfigError naming the brain's table, from the config module.
     """
-    from miltermonkey_core.config import build_brain_options
+    from miltermonkey_core.config import build_brain_options, effective_on_error
     from miltermonkey_core.dispatch import BrainSlot, Chain
 
     pm = new_plugin_manager()
@@ -161,7 +161,7 @@ def build_chain(config: Any, monkey: Any) -> Any:
                 use=entry.use,
                 brain=brain,
                 monkey=bmonkey,
-                on_error=entry.on_error or cls.default_on_error or daemon.on_error,
+                on_error=effective_on_error(entry, cls, daemon),
                 timeout=entry.timeout,
                 evaluation=entry.evaluation,
                 skip_if_key=entry.skip_if_key,

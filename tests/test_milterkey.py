@@ -1,0 +1,790 @@
+"""The milter key: signing, verifying, the secret file, finish() and the CLI.
+
+Everything here runs in-process with a fixed clock; the real-socket hop 1 ->
+hop 2 test is ``test_milterkey_daemon.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import re
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+from miltermonkey_core import Brain, Message, MilterContext, Monkey, Needs, hookimpl
+from miltermonkey_core.cli_key import add_key_commands
+from miltermonkey_core.context import AddHeader, ChangeHeader
+from miltermonkey_core.dispatch import BrainResult
+from miltermonkey_core.engine import Engine
+from miltermonkey_core.errors import ConfigError, SecretError
+from miltermonkey_core.milterkey import (
+    KeyFields,
+    KeyInspection,
+    KeyService,
+    Reason,
+    check_secret_file,
+    generate_secret_file,
+    load_secrets,
+    normalize_message_id,
+)
+from miltermonkey_core.model import message_from_bytes
+from miltermonkey_core.runner import chain_of, run_engine
+from miltermonkey_core.testing import mta
+from miltermonkey_core.verdict import Action
+
+SECRET1 = bytes(range(32))
+SECRET2 = bytes(range(100, 132))
+NOW = 1_750_000_000
+DAY = 86400
+
+RAW = (b"Message-ID: <m1@example.org>\nFrom: a@example.org\nTo: b@example.net\n"
+       b"Subject: test\n\nHello\nworld\n")
+OTHER = RAW.replace(b"<m1@example.org>", b"<m2@example.org>")
+RAN = (("av", "continue"), ("spam", "continue"))
+
+
+def service(secrets: dict[str, bytes] | None = None, now: float = NOW, **kw: Any) -> KeyService:
+    kw.setdefault("hostname", "mx1.example.org")
+    return KeyService(secrets or {"k1": SECRET1}, clock=lambda: now, **kw)
+
+
+def with_headers(raw: bytes, *headers: tuple[str, str]) -> bytes:
+    """``raw`` with headers appended to its header block (folded values kept)."""
+    head, _, body = raw.partition(b"\n\n")
+    extra = b"".join(f"{n}: {v}\n".encode() for n, v in headers)
+    return head + b"\n" + extra + b"\n" + body
+
+
+def msg(raw: bytes = RAW) -> Message:
+    return message_from_bytes(raw)
+
+
+def key_for(svc: KeyService, raw: bytes = RAW, ran: Sequence[tuple[str, str]] = RAN,
+            **kw: Any) -> str:
+    m = msg(raw)
+    mid = normalize_message_id(m.headers)
+    assert mid is not None
+    return svc.format(svc.sign(ran, mid, m.body.sha256(), **kw))
+
+
+def inspect(svc: KeyService, raw: bytes, value: str, name: str = "X-Milter-Key") -> KeyInspection:
+    return svc.inspect(msg(with_headers(raw, (name, value))))
+
+
+def reason_of(svc: KeyService, raw: bytes, value: str) -> str | None:
+    insp = inspect(svc, raw, value)
+    assert len(insp.checks) == 1
+    return insp.checks[0].reason
+
+
+def edit_field(value: str, tag: str, new: str) -> str:
+    fields = KeyFields.parse(value)
+    return "; ".join(f"{t}={new if t == tag else v}" for t, v in fields.items())
+
+
+# --- round trip and format -------------------------------------------------------------
+
+
+def test_sign_then_verify_round_trip() -> None:
+    svc = service()
+    value = key_for(svc)
+    insp = inspect(svc, RAW, value)
+    assert insp.rejected == []
+    assert insp.trusted is not None
+    assert insp.trusted.ran == RAN
+    assert insp.trusted.host == "mx1.example.org"
+    assert insp.trusted.expiry == NOW + 432000
+    assert insp.says_ran("av") and insp.says_ran("spam") and not insp.says_ran("other")
+    assert KeyFields.parse(value) == insp.trusted
+
+
+def test_header_is_folded_short_and_parses_back() -> None:
+    svc = service()
+    ran = tuple((f"brain-number-{i}", "continue") for i in range(60))
+    value = key_for(svc, ran=ran)
+    lines = value.split("\n")
+    assert len(lines) > 3
+    assert all(line.startswith("\t") for line in lines[1:])
+    assert max(len(line) for line in lines) < 78
+    assert reason_of(svc, RAW, value) is None
+
+
+def test_format_matches_the_documented_shape() -> None:
+    value = key_for(service())
+    flat = re.sub(r"\s+", " ", value)
+    assert re.fullmatch(
+        r"v=1; id=k1; host=mx1\.example\.org; exp=\d+; bind=body; mid=[\w-]{8}; "
+        r"body=[\w-]{8}; ran=av:continue,spam:continue; mac=[\w-]{43}", flat), flat
+
+
+def test_canonical_encoding_is_length_prefixed() -> None:
+    """Moving a character from one field to the next changes the signed bytes."""
+    a = KeyFields("k1", "ab.example", 5, "none", "AAAAAAAA", None, (("x", "continue"),))
+    b = attrs.evolve(a, key_id="k1a", host="b.example")
+    assert a.signed_bytes("<m>", None) != b.signed_bytes("<m>", None)
+    c = attrs.evolve(a, ran=(("x", "continue"), ("y", "accept")))
+    d = attrs.evolve(a, ran=(("y", "accept"), ("x", "continue")))
+    assert c.signed_bytes("<m>", None) != d.signed_bytes("<m>", None)
+
+
+# --- what is not trusted -------------------------------------------------------------------
+
+FIELD_EDITS = [
+    ("v", "2", Reason.MALFORMED),
+    ("id", "k2", Reason.UNKNOWN_KEY),
+    ("host", "mx2.example.org", Reason.BAD_MAC),
+    ("exp", str(NOW + 432001), Reason.BAD_MAC),
+    ("exp", str(NOW + 60), Reason.BAD_MAC),
+    ("bind", "none", Reason.MALFORMED),
+    ("mid", "AAAAAAAA", Reason.WRONG_MESSAGE),
+    ("body", "AAAAAAAA", Reason.WRONG_BODY),
+    ("ran", "av:continue", Reason.BAD_MAC),
+    ("ran", "av:continue,spam:continue,extra:continue", Reason.BAD_MAC),
+    ("ran", "spam:continue,av:continue", Reason.BAD_MAC),
+    ("ran", "av:accept,spam:continue", Reason.BAD_MAC),
+    ("ran", "AV:continue,spam:continue", Reason.BAD_MAC),
+    ("ran", "av:continue,av:continue", Reason.MALFORMED),
+    ("mac", "A" * 43, Reason.BAD_MAC),
+]
+
+
+@pytest.mark.parametrize(("tag", "new", "reason"), FIELD_EDITS,
+                         ids=[f"{t}={n[:20]}" for t, n, _ in FIELD_EDITS])
+def test_each_tampered_field_is_refused(tag: str, new: str, reason: str) -> None:
+    svc = service()
+    value = key_for(svc)
+    tampered = edit_field(value, tag, new)
+    assert tampered != value
+    got = reason_of(svc, RAW, tampered)
+    assert got is not None and got.startswith(reason), got
+
+
+def test_bind_none_with_the_body_field_removed_is_refused() -> None:
+    svc = service()
+    parts = [p for p in re.split(r"\s*;\s*", key_for(svc)) if not p.startswith("body=")]
+    tampered = "; ".join(p.replace("bind=body", "bind=none") for p in parts)
+    for verifier in (svc, service(binding="none")):
+        got = reason_of(verifier, RAW, tampered)
+        assert got is not None and got.startswith(Reason.BAD_MAC), got
+
+
+def test_non_canonical_mac_encoding_is_refused() -> None:
+    """The last base64url character carries 2 spare bits: flipping them must not pass."""
+    svc = service()
+    value = key_for(svc)
+    mac = KeyFields.parse(value).mac
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    i = alphabet.index(mac[-1])
+    sibling = alphabet[i ^ 1]
+    assert base64.urlsafe_b64decode(mac[:-1] + sibling + "=") == \
+        base64.urlsafe_b64decode(mac + "=")
+    got = reason_of(svc, RAW, value.replace(mac, mac[:-1] + sibling))
+    assert got is not None and got.startswith(Reason.BAD_MAC)
+
+
+def test_tampered_body_is_refused_with_binding_body() -> None:
+    svc = service()
+    value = key_for(svc)
+    got = reason_of(svc, RAW + b"-- \nfooter\n", value)
+    assert got is not None and got.startswith(Reason.WRONG_BODY), got
+
+
+def test_tampered_body_passes_with_binding_none() -> None:
+    svc = service(binding="none")
+    value = key_for(svc)
+    assert "bind=none" in value and "body=" not in value
+    assert reason_of(svc, RAW + b"-- \nfooter\n", value) is None
+
+
+def test_unbound_key_is_refused_where_body_binding_is_required() -> None:
+    value = key_for(service(binding="none"))
+    got = reason_of(service(binding="body"), RAW, value)
+    assert got is not None and got.startswith(Reason.UNBOUND), got
+
+
+def test_expired_key_is_refused() -> None:
+    value = key_for(service())
+    expiry = NOW + 432000
+    got = reason_of(service(now=expiry + 301), RAW, value)
+    assert got is not None and got.startswith(Reason.EXPIRED), got
+
+
+def test_key_within_clock_skew_is_trusted() -> None:
+    value = key_for(service())
+    expiry = NOW + 432000
+    assert reason_of(service(now=expiry + 300), RAW, value) is None
+    got = reason_of(service(now=expiry + 60, clock_skew=0), RAW, value)
+    assert got is not None and got.startswith(Reason.EXPIRED)
+
+
+def test_expiry_too_far_in_the_future_is_refused() -> None:
+    signer = service(default_expiration=400 * DAY)
+    value = key_for(signer)
+    got = reason_of(service(), RAW, value)
+    assert got is not None and got.startswith(Reason.FUTURE), got
+    # a brain override that long makes it acceptable
+    assert reason_of(service(expirations={"av": 400 * DAY}), RAW, value) is None
+
+
+def test_unknown_key_id_is_refused() -> None:
+    value = key_for(service({"other": SECRET2}))
+    got = reason_of(service(), RAW, value)
+    assert got is not None and got.startswith(Reason.UNKNOWN_KEY), got
+
+
+def test_wrong_secret_is_refused() -> None:
+    value = key_for(service({"k1": SECRET2}))
+    got = reason_of(service(), RAW, value)
+    assert got is not None and got.startswith(Reason.BAD_MAC), got
+
+
+def test_key_copied_onto_another_message_is_refused() -> None:
+    svc = service()
+    value = key_for(svc)
+    got = reason_of(svc, OTHER, value)
+    assert got is not None and got.startswith(Reason.WRONG_MESSAGE), got
+    # even with the body not bound
+    loose = service(binding="none")
+    got = reason_of(loose, OTHER, key_for(loose))
+    assert got is not None and got.startswith(Reason.WRONG_MESSAGE), got
+
+
+def test_message_without_or_with_two_message_ids_cannot_be_trusted() -> None:
+    svc = service()
+    value = key_for(svc)
+    no_mid = RAW.replace(b"Message-ID: <m1@example.org>\n", b"")
+    two = with_headers(RAW, ("Message-ID", "<m1@example.org>"))
+    for raw in (no_mid, two):
+        got = reason_of(svc, raw, value)
+        assert got is not None and got.startswith(Reason.WRONG_MESSAGE), got
+
+
+def test_folded_message_id_binds_like_the_unfolded_one() -> None:
+    svc = service()
+    value = key_for(svc)
+    folded = RAW.replace(b"Message-ID: <m1@example.org>", b"Message-ID:\n <m1@example.org>")
+    assert reason_of(svc, folded, value) is None
+
+
+def test_malformed_values_are_refused() -> None:
+    svc = service()
+    for bad in ("", "garbage", "v=1", "v=1; id=k1", "x" * 9000, "v=1;" * 20):
+        got = reason_of(svc, RAW, bad)
+        assert got is not None and got.startswith(Reason.MALFORMED), (bad[:30], got)
+
+
+# --- rotation and the alternate header -----------------------------------------------------
+
+
+def _config(secret_file: Path, **daemon: Any) -> Any:
+    from miltermonkey_core.config import loads
+
+    lines = ["[miltermonkey]", f'miltersecretfile = "{secret_file}"', "milter_key = true"]
+    for k, v in daemon.items():
+        lines.append(f"{k} = {v!r}".replace("'", '"'))
+    return loads("\n".join(lines) + "\n")
+
+
+def test_rotation(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    assert generate_secret_file(path, "old") == "old"
+    old_svc = KeyService.from_config(_config(path))
+    old_key = key_for(old_svc)
+
+    assert generate_secret_file(path, "new") == "new"
+    assert list(load_secrets(path)) == ["old", "new"]
+    # appending does not change the signer: the first line still signs
+    assert KeyService.from_config(_config(path)).signing_key == "old"
+    # key_id points at the new one: new keys use it, old keys still verify
+    svc = KeyService.from_config(_config(path, key_id="new"))
+    assert svc.signing_key == "new"
+    new_key = key_for(svc)
+    assert KeyFields.parse(new_key).key_id == "new"
+    assert reason_of(svc, RAW, old_key) is None
+    assert reason_of(svc, RAW, new_key) is None
+    # remove the old line: its keys are no longer trusted
+    text = path.read_text()
+    path.write_text("\n".join(x for x in text.splitlines() if not x.startswith("old:")) + "\n")
+    svc = KeyService.from_config(_config(path, key_id="new"))
+    got = reason_of(svc, RAW, old_key)
+    assert got is not None and got.startswith(Reason.UNKNOWN_KEY)
+    assert reason_of(svc, RAW, new_key) is None
+
+
+def test_key_id_not_in_the_file_is_refused_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    generate_secret_file(path, "k1")
+    with pytest.raises(SecretError, match="key_id 'k9' is not in the secret file"):
+        KeyService.from_config(_config(path, key_id="k9"))
+
+
+def test_alternate_header_is_accepted_with_the_shared_secret() -> None:
+    relay = service(header_name="X-Relay-Key")
+    value = key_for(relay)
+    mx = service(alternate_headers=["X-Relay-Key"])
+    assert mx.header_names == ("X-Milter-Key", "X-Relay-Key")
+    insp = inspect(mx, RAW, value, name="X-Relay-Key")
+    assert insp.trusted is not None and insp.says_ran("av")
+    # an alternate header name that is not configured is not even looked at
+    assert inspect(service(), RAW, value, name="X-Relay-Key").checks == []
+    # a key under the alternate name made with another secret is refused
+    forged = key_for(service({"k1": SECRET2}, header_name="X-Relay-Key"))
+    insp = inspect(mx, RAW, forged, name="X-Relay-Key")
+    assert insp.trusted is None and insp.rejected[0][0] == "X-Relay-Key"
+
+
+def test_from_config_reads_every_setting(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    generate_secret_file(path, "k1")
+    svc = KeyService.from_config(_config(
+        path, milterkeyheader="X-Our-Key", alternate_key_header=["X-Their-Key", "x-our-key"],
+        key_body_binding="none", key_clock_skew=7, defaultexpiration=1000, hostname="h.example"))
+    assert svc.header_names == ("X-Our-Key", "X-Their-Key")
+    assert (svc.binding, svc.clock_skew, svc.default_expiration, svc.hostname) == \
+        ("none", 7, 1000, "h.example")
+
+
+# --- the secret file ---------------------------------------------------------------------
+
+
+def _write(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def _b64(n: int) -> str:
+    return base64.b64encode(os.urandom(n)).decode()
+
+
+def test_secret_file_missing(tmp_path: Path) -> None:
+    p = tmp_path / "nope"
+    with pytest.raises(SecretError, match=f"does not exist.*key generate --file {p}"):
+        check_secret_file(p)
+
+
+def test_secret_file_empty(tmp_path: Path) -> None:
+    p = _write(tmp_path / "s", "# only a comment\n\n")
+    with pytest.raises(SecretError, match=f"holds no secret.*key generate --file {p}"):
+        check_secret_file(p)
+
+
+def test_secret_file_short_secret(tmp_path: Path) -> None:
+    p = _write(tmp_path / "s", f"k1:{_b64(16)}\n")
+    with pytest.raises(SecretError, match=r"16 bytes; at least 32.*key generate"):
+        check_secret_file(p)
+
+
+def test_secret_file_world_readable_is_refused_with_the_fix(tmp_path: Path) -> None:
+    p = _write(tmp_path / "s", f"k1:{_b64(32)}\n", 0o644)
+    with pytest.raises(SecretError, match=f"mode 0644.*chmod 600 {p}"):
+        check_secret_file(p)
+    for mode in (0o640, 0o604, 0o620, 0o602):
+        p.chmod(mode)
+        with pytest.raises(SecretError, match="chmod 600"):
+            check_secret_file(p)
+    p.chmod(0o600)
+    check_secret_file(p)
+    p.chmod(0o400)
+    check_secret_file(p)
+
+
+def test_secret_file_not_regular(tmp_path: Path) -> None:
+    d = tmp_path / "dir"
+    d.mkdir(mode=0o700)
+    with pytest.raises(SecretError, match="not a regular file"):
+        check_secret_file(d)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(SecretError, match="not a regular file"):
+        check_secret_file(fifo)
+
+
+def test_secret_file_unparsable(tmp_path: Path) -> None:
+    for text, match in ((f"{_b64(32)}\n", "expected KEYID:BASE64SECRET"),
+                        ("k1:not base64!!\n", "not base64"),
+                        (f"k 1:{_b64(32)}\n", "expected KEYID"),
+                        (f"k1:{_b64(32)}\nk1:{_b64(32)}\n", "appears twice")):
+        p = _write(tmp_path / "s", text)
+        with pytest.raises(SecretError, match=match):
+            check_secret_file(p)
+
+
+def test_secret_file_formats_accepted(tmp_path: Path) -> None:
+    raw = os.urandom(40)
+    urlsafe = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    p = _write(tmp_path / "s", f"# comment\n\n  a : {base64.b64encode(raw).decode()}\n"
+                               f"b:{urlsafe}\n")
+    assert load_secrets(p) == {"a": raw, "b": raw}
+
+
+def test_daemon_refuses_to_start_on_a_bad_secret_file(tmp_path: Path) -> None:
+    p = _write(tmp_path / "s", f"k1:{_b64(32)}\n", 0o644)
+    with pytest.raises(SecretError, match="chmod 600"):
+        KeyService.from_config(_config(p))
+
+
+def test_generate_creates_mode_0600_with_o_excl(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, int, int]] = []
+    real_open = os.open
+
+    def spy(path: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
+        calls.append((os.fspath(path), flags, mode))
+        return real_open(path, flags, mode, **kw)
+
+    monkeypatch.setattr(os, "open", spy)
+    old = os.umask(0)
+    try:
+        p = tmp_path / "secret"
+        key_id = generate_secret_file(p, "k1")
+    finally:
+        os.umask(old)
+    assert key_id == "k1"
+    create = [c for c in calls if c[0] == str(p)]
+    assert create and create[0][1] & os.O_EXCL and create[0][1] & os.O_CREAT
+    assert create[0][2] == 0o600
+    assert stat.S_IMODE(p.stat().st_mode) == 0o600
+    secrets = load_secrets(p)
+    assert list(secrets) == ["k1"] and len(secrets["k1"]) == 32
+
+
+def test_generate_appends_replaces_and_refuses(tmp_path: Path) -> None:
+    p = tmp_path / "secret"
+    first = generate_secret_file(p)
+    assert re.fullmatch(r"k\d{8}", first)
+    second = generate_secret_file(p)
+    assert second == f"{first}-2"
+    assert list(load_secrets(p)) == [first, second]
+    assert stat.S_IMODE(p.stat().st_mode) == 0o600
+    with pytest.raises(SecretError, match="already holds key id"):
+        generate_secret_file(p, first)
+    generate_secret_file(p, "fresh", force=True)
+    assert list(load_secrets(p)) == ["fresh"]
+    assert stat.S_IMODE(p.stat().st_mode) == 0o600
+    # never appends to a file others can read
+    p.chmod(0o644)
+    with pytest.raises(SecretError, match="chmod 600"):
+        generate_secret_file(p, "more")
+    with pytest.raises(SecretError, match="key id"):
+        generate_secret_file(tmp_path / "other", "bad id")
+    assert [x.name for x in tmp_path.iterdir()] == ["secret"]
+
+
+def test_rotating_a_symlinked_file_keeps_the_symlink(tmp_path: Path) -> None:
+    target = tmp_path / "real-secret"
+    link = tmp_path / "secret"
+    generate_secret_file(target, "k1")
+    link.symlink_to(target)
+    generate_secret_file(link, "k2")
+    assert link.is_symlink()
+    assert list(load_secrets(target)) == ["k1", "k2"]
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+def test_hostname_that_cannot_go_in_a_key_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    generate_secret_file(path, "k1")
+    with pytest.raises(ConfigError, match=r"hostname.*cannot go in a milter key"):
+        KeyService.from_config(_config(path, hostname="mx 1;evil"))
+
+
+def test_generate_does_not_follow_a_dangling_symlink(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    link = tmp_path / "secret"
+    link.symlink_to(target)
+    with pytest.raises(SecretError):
+        generate_secret_file(link, "k1")
+    assert not target.exists()
+
+
+# --- finish(): stripping and signing --------------------------------------------------------
+
+
+def _ran(*names: str, outcome: str = "ran") -> list[BrainResult]:
+    return [BrainResult(n, outcome, Action.CONTINUE) for n in names]
+
+
+def _postfix_apply(message: Message, ctx: MilterContext) -> list[tuple[str, str]]:
+    """Replay the recorded header edits as Postfix's cleanup server would."""
+    actions: list[Any] = []
+    for e in ctx.edits:
+        if isinstance(e, AddHeader):
+            actions.append(mta.AddHeader(e.name, e.value))
+        elif isinstance(e, ChangeHeader):
+            actions.append(mta.ChangeHeader(e.index, e.name, e.value or ""))
+        else:
+            raise AssertionError(f"unexpected edit {e}")
+    result = mta.EomResult(disposition=mta.Disposition.CONTINUE, reply=None, actions=actions,
+                           progress_count=0, quarantine_reason=None,
+                           final=mta.Reply("c"))
+    headers = [(h.name, h.value) for h in message.headers]
+    return result.apply(headers, b"", "<a@b>", ["<c@d>"]).headers
+
+
+def _finish(svc: KeyService, raw: bytes, results: list[BrainResult]) -> tuple[Message,
+                                                                             MilterContext]:
+    m = msg(raw)
+    insp = svc.inspect(m)
+    ctx = MilterContext(m)
+    ctx.begin("core")
+    svc.finish(m, ctx, results, insp)
+    ctx.end()
+    return m, ctx
+
+
+def test_finish_strips_two_forged_headers_and_adds_ours(caplog: pytest.LogCaptureFixture) -> None:
+    svc = service()
+    forged1 = key_for(service({"k1": SECRET2}))
+    forged2 = edit_field(key_for(svc), "host", "evil.example")
+    raw = with_headers(RAW, ("X-Milter-Key", forged1), ("X-Other", "keep"),
+                       ("X-Milter-Key", forged2))
+    caplog.set_level("INFO", logger="miltermonkey")
+    m, ctx = _finish(svc, raw, _ran("av", "spam"))
+    deletes = [e for e in ctx.edits if isinstance(e, ChangeHeader) and e.value is None]
+    assert [(e.name, e.index) for e in deletes] == [("X-Milter-Key", 1), ("X-Milter-Key", 1)]
+    out = _postfix_apply(m, ctx)
+    keys = [v for n, v in out if n == "X-Milter-Key"]
+    assert len(keys) == 1
+    assert ("X-Other", "keep") in out
+    assert reason_of(svc, RAW, keys[0]) is None
+    assert KeyFields.parse(keys[0]).ran == RAN
+    removed = [r.getMessage() for r in caplog.records if "removed untrusted" in r.getMessage()]
+    assert len(removed) == 2
+    assert all(line.startswith(f"{m.id}: ") for line in removed)
+    assert "bad MAC" in removed[0] and "bad MAC" in removed[1]
+
+
+def test_finish_strips_many_forged_headers_and_caps_the_log_lines(
+        caplog: pytest.LogCaptureFixture) -> None:
+    svc = service()
+    raw = with_headers(RAW, *[("X-Milter-Key", f"v=1; forged {i}") for i in range(25)])
+    caplog.set_level("INFO", logger="miltermonkey")
+    m, ctx = _finish(svc, raw, _ran("av"))
+    out = _postfix_apply(m, ctx)
+    assert len([v for n, v in out if n == "X-Milter-Key"]) == 1
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(lines) == 21
+    assert lines[-1] == f"{m.id}: removed 5 more untrusted milter keys"
+
+
+def test_finish_keeps_index_right_around_a_trusted_header() -> None:
+    svc = service()
+    good = key_for(svc, ran=(("av", "continue"),))
+    forged = "v=1; forged"
+    raw = with_headers(RAW, ("X-Milter-Key", forged), ("X-Milter-Key", good),
+                       ("X-Milter-Key", forged + "2"))
+    m = msg(raw)
+    insp = svc.inspect(m)
+    assert [(n, i) for n, i, _ in insp.rejected] == [("X-Milter-Key", 1), ("X-Milter-Key", 3)]
+    slots = [attrs.make_class("S", {"name": attrs.field(), "skip_if_key": attrs.field()})(
+        "av", True)]
+    assert insp.skip_brains(slots) == {"av"}
+    ctx = MilterContext(m)
+    ctx.begin("core")
+    svc.finish(m, ctx, [*_ran("av", outcome="skipped"), *_ran("spam")], insp)
+    ctx.end()
+    edits = [(e.name, e.index, e.value is None) for e in ctx.edits
+             if isinstance(e, ChangeHeader)]
+    assert edits == [("X-Milter-Key", 1, True), ("X-Milter-Key", 2, True),
+                     ("X-Milter-Key", 1, False)]
+    out = _postfix_apply(m, ctx)
+    keys = [v for n, v in out if n == "X-Milter-Key"]
+    assert len(keys) == 1
+    fields = KeyFields.parse(keys[0])
+    # spam ran here, av was carried forward from the trusted key
+    assert fields.ran == (("av", "continue"), ("spam", "continue"))
+    assert reason_of(svc, RAW, keys[0]) is None
+
+
+def test_finish_leaves_a_trusted_alternate_header_and_strips_a_forged_one() -> None:
+    relay = service(header_name="X-Relay-Key")
+    mx = service(alternate_headers=["X-Relay-Key"])
+    good = key_for(relay)
+    bad = key_for(service({"k1": SECRET2}))
+    raw = with_headers(RAW, ("X-Relay-Key", bad), ("X-Relay-Key", good))
+    m, ctx = _finish(mx, raw, _ran("spam"))
+    out = _postfix_apply(m, ctx)
+    assert [v for n, v in out if n == "X-Relay-Key"] == [good]
+    ours = [v for n, v in out if n == "X-Milter-Key"]
+    assert len(ours) == 1 and KeyFields.parse(ours[0]).ran == (("spam", "continue"),)
+
+
+def test_finish_lists_only_brains_that_ran() -> None:
+    results = [BrainResult("a", "ran", Action.CONTINUE), BrainResult("b", "error"),
+               BrainResult("c", "evaluation"), BrainResult("d", "timeout"),
+               BrainResult("e", "skipped"), BrainResult("f", "ran", Action.ACCEPT)]
+    m, ctx = _finish(service(), RAW, results)
+    (value,) = [v for n, v in _postfix_apply(m, ctx) if n == "X-Milter-Key"]
+    assert KeyFields.parse(value).ran == (("a", "continue"), ("f", "accept"))
+
+
+def test_finish_adds_nothing_when_no_brain_ran_or_no_message_id() -> None:
+    _, ctx = _finish(service(), RAW, _ran("x", outcome="error"))
+    assert ctx.edits == []
+    no_mid = RAW.replace(b"Message-ID: <m1@example.org>\n", b"")
+    _, ctx = _finish(service(), no_mid, _ran("av"))
+    assert ctx.edits == []
+
+
+def test_expiry_is_the_shortest_brain_lifetime() -> None:
+    svc = service(expirations={"av": 3600, "spam": None})
+    m, ctx = _finish(svc, RAW, _ran("av", "spam"))
+    (value,) = [v for n, v in _postfix_apply(m, ctx) if n == "X-Milter-Key"]
+    assert KeyFields.parse(value).expiry == NOW + 3600
+    m, ctx = _finish(svc, RAW, _ran("spam"))
+    (value,) = [v for n, v in _postfix_apply(m, ctx) if n == "X-Milter-Key"]
+    assert KeyFields.parse(value).expiry == NOW + 432000
+
+
+def test_carried_claim_keeps_its_original_expiry() -> None:
+    hop1 = service(now=NOW - DAY)
+    inbound = key_for(hop1, ran=(("av", "continue"),))
+    hop2 = service()
+    m = msg(with_headers(RAW, ("X-Milter-Key", inbound)))
+    insp = hop2.inspect(m)
+    slots = [attrs.make_class("S", {"name": attrs.field(), "skip_if_key": attrs.field()})(
+        "av", True)]
+    insp.skip_brains(slots)
+    ctx = MilterContext(m)
+    hop2.finish(m, ctx, [*_ran("av", outcome="skipped"), *_ran("spam")], insp)
+    (value,) = [v for n, v in _postfix_apply(m, ctx) if n == "X-Milter-Key"]
+    assert KeyFields.parse(value).expiry == NOW - DAY + 432000
+
+
+def test_replaced_body_is_what_gets_signed() -> None:
+    svc = service()
+    m = msg(RAW)
+    insp = svc.inspect(m)
+    ctx = MilterContext(m)
+    ctx.begin("av")
+    ctx.replace_body(b"notice\r\n")
+    ctx.end()
+    ctx.begin("core")
+    svc.finish(m, ctx, _ran("av"), insp)
+    (value,) = [e.value for e in ctx.edits if isinstance(e, AddHeader)]
+    replaced = RAW.split(b"\n\n")[0] + b"\n\nnotice\n"
+    assert reason_of(svc, replaced, value) is None
+    assert reason_of(svc, RAW, value) is not None
+
+
+# --- through the engine: hop 1 signs, hop 2 skips ------------------------------------------
+
+
+class _Stamp(Brain):
+    needs = Needs(envelope=False, headers=True, body=True)
+
+    @hookimpl
+    def eom_process(self, message: Message, ctx: MilterContext, monkey: Monkey) -> None:
+        said = monkey.key_says_ran(message)
+        ctx.add_header(f"X-Stamp-{self.name}", f"{monkey.hostname} key-says-ran={said}")
+
+
+def _engine(svc: KeyService, host: str, skip: Sequence[str] = ()) -> Engine:
+    base = Monkey(hostname=host)
+    brains = [_Stamp(None, base.for_brain(n), n) for n in ("av", "spam")]
+    chain = chain_of(*brains)
+    for slot in chain.slots:
+        slot.skip_if_key = slot.name in skip
+    return Engine(chain, base, key=svc)
+
+
+def test_engine_hop1_signs_and_hop2_skips_the_brain_the_key_lists() -> None:
+    hop1 = _engine(service(hostname="hop1.example"), "hop1", skip=("av",))
+    out1 = run_engine(hop1, RAW)
+    assert [r.outcome for r in out1.results] == ["ran", "ran"]
+    key1 = out1.header("X-Milter-Key")
+    assert key1 is not None and KeyFields.parse(key1).ran == RAN
+
+    hop2 = _engine(service(hostname="hop2.example"), "hop2", skip=("av",))
+    out2 = run_engine(hop2, out1.message_bytes)
+    assert [(r.brain, r.outcome) for r in out2.results] == [("av", "skipped"), ("spam", "ran")]
+    headers = out2.headers
+    assert headers.count(("X-Stamp-av", "hop1 key-says-ran=False")) == 1
+    assert ("X-Stamp-av", "hop2 key-says-ran=True") not in headers
+    assert ("X-Stamp-spam", "hop2 key-says-ran=True") in headers
+    keys = [v for n, v in headers if n == "X-Milter-Key"]
+    assert len(keys) == 1
+    fields = KeyFields.parse(keys[0])
+    assert fields.host == "hop2.example" and fields.ran == RAN
+    assert any("trusted milter key: skipping av" in line for line in out2.log)
+
+
+def test_engine_hop2_runs_everything_on_a_forged_key_and_strips_it() -> None:
+    hop1 = _engine(service({"k1": SECRET2}), "evil")
+    out1 = run_engine(hop1, RAW)
+    hop2 = _engine(service(hostname="hop2.example"), "hop2", skip=("av",))
+    out2 = run_engine(hop2, out1.message_bytes)
+    assert [(r.brain, r.outcome) for r in out2.results] == [("av", "ran"), ("spam", "ran")]
+    keys = [v for n, v in out2.headers if n == "X-Milter-Key"]
+    assert len(keys) == 1 and KeyFields.parse(keys[0]).host == "hop2.example"
+    assert any("removed untrusted milter key" in line for line in out2.log)
+
+
+# --- the CLI ---------------------------------------------------------------------------------
+
+
+def _cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="miltermonkey")
+    add_key_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    status: int = args.func(args)
+    return status
+
+
+def test_cli_key_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "secret"
+    assert _cli(["key", "generate", "--file", str(p), "--key-id", "k1"]) == 0
+    assert "created with key k1" in capsys.readouterr().out
+    assert stat.S_IMODE(p.stat().st_mode) == 0o600
+    assert _cli(["key", "generate", str(p), "--key-id", "k2"]) == 0
+    assert 'key_id = "k2"' in capsys.readouterr().out
+    assert list(load_secrets(p)) == ["k1", "k2"]
+    assert _cli(["key", "generate", "--file", str(p), "--key-id", "k3", "--force"]) == 0
+    assert list(load_secrets(p)) == ["k3"]
+    # the file of a configuration
+    cfg = tmp_path / "mm.toml"
+    other = tmp_path / "other-secret"
+    cfg.write_text(f'[miltermonkey]\nmiltersecretfile = "{other}"\n')
+    assert _cli(["key", "generate", "-c", str(cfg)]) == 0
+    check_secret_file(other)
+
+
+def test_cli_key_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    secret = tmp_path / "secret"
+    generate_secret_file(secret, "k1")
+    cfg = tmp_path / "mm.toml"
+    cfg.write_text(f'[miltermonkey]\nmilter_key = true\nmiltersecretfile = "{secret}"\n')
+    import time
+
+    svc = KeyService(load_secrets(secret), hostname="mx1.example.org", clock=time.time)
+    good = key_for(svc)
+    eml = tmp_path / "m.eml"
+
+    eml.write_bytes(with_headers(RAW, ("X-Milter-Key", good)))
+    assert _cli(["key", "verify", str(eml), "-c", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "X-Milter-Key #1: TRUSTED: key k1 from mx1.example.org" in out
+    assert "ran: av (continue), spam (continue)" in out
+
+    eml.write_bytes(with_headers(OTHER, ("X-Milter-Key", "v=1; junk"), ("X-Milter-Key", good)))
+    assert _cli(["key", "verify", str(eml), "-c", str(cfg)]) == 1
+    out = capsys.readouterr().out
+    assert "X-Milter-Key #1: NOT TRUSTED: malformed" in out
+    assert "X-Milter-Key #2: NOT TRUSTED: wrong message" in out
+    assert "result: no trusted key" in out
+
+    eml.write_bytes(RAW)
+    assert _cli(["key", "verify", str(eml), "-c", str(cfg)]) == 1
+    assert "no key header" in capsys.readouterr().out
+
+    secret.chmod(0o644)
+    with pytest.raises(SecretError, match="chmod 600"):
+        _cli(["key", "verify", str(eml), "-c", str(cfg)])
