@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import attrs
@@ -285,12 +285,35 @@ class MilterContext:
             self.edits.append(ChangeHeader(name, index, None, self._brain))
             del self._view[pos[index - 1]]
 
+    def delete_where(self, name: str, doomed: Callable[[Header, int], bool]) -> int:
+        """Remove, in one pass, each ``name`` header for which ``doomed(header, n)`` is true.
+
+        ``n`` is the header's 1-based position among its namesakes before any of
+        these removals.  Each removal is recorded with the live index the MTA
+        will see at that point, so a message with thousands of forged copies
+        costs one walk of the header list, not one per copy.
+        """
+        check_header_name(name)
+        if not self._allow(Capability.CHANGE_HEADERS, f"delete_header({name})"):
+            return 0
+        kept: list[Header] = []
+        n = live = removed = 0
+        for h in self._view:
+            if h.matches(name):
+                n += 1
+                live += 1
+                if doomed(h, n):
+                    self.edits.append(ChangeHeader(name, live, None, self._brain))
+                    live -= 1
+                    removed += 1
+                    continue
+            kept.append(h)
+        self._view = kept
+        return removed
+
     def delete_all(self, name: str) -> int:
         """Remove every header called ``name``; returns how many were removed."""
-        n = len(self._positions(name))
-        for _ in range(n):
-            self.delete_header(name, 1)
-        return n - len(self._positions(name))
+        return self.delete_where(name, lambda _h, _n: True)
 
     def replace_header(self, name: str, value: str) -> None:
         """Leave exactly one ``name`` header with ``value`` (e.g. X-Spam-Status).

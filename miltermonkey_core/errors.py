@@ -40,7 +40,7 @@ class ReplyError(MonkeyError, ValueError):
     """An SMTP reply that libmilter or the MTA would refuse or mangle."""
 
 
-class ActionNotNegotiated(MonkeyError):  # noqa: N818 - reads as the condition it reports
+class ActionNotNegotiated(MonkeyError):
     """A brain asked for an edit the MTA did not agree to during negotiation."""
 
 

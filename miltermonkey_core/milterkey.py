@@ -44,7 +44,7 @@ import attrs
 from miltermonkey_core.context import MilterContext, ReplaceBody
 from miltermonkey_core.errors import ConfigError, SecretError
 from miltermonkey_core.logs import ROOT
-from miltermonkey_core.model import Headers, Message
+from miltermonkey_core.model import Header, Headers, Message
 from miltermonkey_core.verdict import Action
 
 log = logging.getLogger(f"{ROOT}.milterkey")
@@ -832,25 +832,24 @@ class KeyService:
 
         # Remove every key header that is not trusted, by its index in the live list.
         removed = 0
+
+        def untrusted(h: Header, index: int) -> bool:
+            nonlocal removed
+            check = known.get((h.name.lower(), h.value))
+            if check is None:  # put there by a brain of this hop: judge it too
+                _, reason = self.check(h.value, mid_now, message.body.sha256, now)
+            else:
+                reason = check.reason
+            if reason is None:
+                return False
+            removed += 1
+            if removed <= MAX_LOGGED_REMOVALS:
+                log.warning("%s: removed untrusted milter key %s #%d: %s", qid, h.name,
+                            index, reason)
+            return True
+
         for name in self.header_names:
-            index = 0
-            for h in list(ctx.headers):
-                if not h.matches(name):
-                    continue
-                index += 1
-                check = known.get((h.name.lower(), h.value))
-                if check is None:  # put there by a brain of this hop: judge it too
-                    _, reason = self.check(h.value, mid_now, message.body.sha256, now)
-                else:
-                    reason = check.reason
-                if reason is None:
-                    continue
-                removed += 1
-                if removed <= MAX_LOGGED_REMOVALS:
-                    log.warning("%s: removed untrusted milter key %s #%d: %s", qid, h.name,
-                                index, reason)
-                ctx.delete_header(name, index)
-                index -= 1
+            ctx.delete_where(name, untrusted)
         if removed > MAX_LOGGED_REMOVALS:
             log.warning("%s: removed %d more untrusted milter keys", qid,
                         removed - MAX_LOGGED_REMOVALS)

@@ -125,3 +125,25 @@ def test_verdict_methods_set_brain_and_finality() -> None:
     ctx.tempfail(text="engine down")
     assert ctx.verdict is not None and ctx.verdict.brain == "av"
     assert ctx.final and ctx.action is Action.TEMPFAIL
+
+
+def test_delete_where_records_live_indexes_in_one_pass() -> None:
+    raw = b"".join(f"X-K: {i}\r\nOther: {i}\r\n".encode() for i in range(6)) + b"\r\nb\r\n"
+    ctx = ctx_for(raw)
+    ctx.begin("core")
+    removed = ctx.delete_where("X-K", lambda h, n: n in (2, 3, 5))
+    ctx.end()
+    assert removed == 3
+    assert ctx.headers.get_all("X-K") == ["0", "3", "5"]
+    assert ctx.headers.get_all("Other") == [str(i) for i in range(6)]
+    # live indexes: #2 (n=2), then n=3 has become #2, then n=5 is #3 after two removals
+    assert [e.index for e in ctx.edits] == [2, 2, 3]
+
+
+def test_delete_all_of_many_copies_always_deletes_the_first() -> None:
+    raw = b"".join(b"X-Milter-Key: forged\r\n" for _ in range(10_000)) + b"\r\nbody\r\n"
+    ctx = ctx_for(raw)
+    ctx.begin("core")
+    assert ctx.delete_all("X-Milter-Key") == 10_000
+    assert len(ctx.edits) == 10_000 and all(e.index == 1 for e in ctx.edits)
+    assert "X-Milter-Key" not in ctx.headers
