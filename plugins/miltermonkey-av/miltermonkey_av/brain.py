@@ -1,0 +1,318 @@
+"""The ``av`` brain: scan each message with clamd or a command-line scanner.
+
+What happens to infected mail is the seed's choice of modes:
+
+* **relay mode** (``relay_mode = true``, the default here): the message is
+  refused at end of data with the configured 5xx reply.  The SMTP client
+  keeps the problem; nobody gets a notice, so no backscatter.
+* **notify mode** (``relay_mode = false``): the message is delivered with
+  its body replaced by a notice for the recipients, and (``notify_sender``)
+  the sender is told.  Viruses whose name matches ``discard_pattern`` (worms
+  that forge the sender) are discarded instead, with no notice to anyone.
+* ``infected_action = "discard"`` or ``"quarantine"`` (the MTA's hold queue)
+  are there for sites that want neither.
+
+A failed scan (engine down, timeout, a reply we cannot read) raises: the
+core then applies this brain's ``on_error`` policy, ``tempfail`` unless the
+admin says otherwise, so mail is never accepted unscanned by accident.
+
+Skipping mail a trusted hop already scanned (the seed's milter key and
+``alternate_key_header``) is the core's job: set ``skip_if_key = true`` on
+the ``[[brain]]`` table and the core does not call this brain for it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Sequence
+from typing import Protocol
+
+from miltermonkey_av import __version__
+from miltermonkey_av.clamd import CHUNK_SIZE, ClamdPool
+from miltermonkey_av.command import CommandScanner
+from miltermonkey_av.notices import (
+    RECIPIENT_NOTICE,
+    SENDER_NOTICE,
+    build_sender_notice,
+    encode_header_value,
+    load_templates,
+    notice_values,
+    one_line,
+    parse_address,
+    text_part,
+)
+from miltermonkey_av.options import AntiVirusOptions
+from miltermonkey_av.result import ScanResult, Status
+from miltermonkey_core.brain import Brain, Needs
+from miltermonkey_core.context import Capability, MilterContext
+from miltermonkey_core.hookspecs import hookimpl
+from miltermonkey_core.model import Message
+from miltermonkey_core.monkey import Monkey, NoticeError
+
+SCANNED_HEADER = "X-Virus-Scanned"
+STATUS_HEADER = "X-Virus-Status"
+
+
+class Engine(Protocol):
+    """What the brain needs from a scanner engine."""
+
+    @property
+    def description(self) -> str: ...
+
+    def scan(self, message: Message) -> ScanResult: ...
+
+    def close(self) -> None: ...
+
+
+class ClamdEngine:
+    """clamd over INSTREAM, with the pool's failover; the message is streamed, not copied."""
+
+    def __init__(self, options: AntiVirusOptions, monkey: Monkey) -> None:
+        def event(level: str, msg: str) -> None:
+            (monkey.log.warning if level == "warning" else monkey.log.info)("%s", msg)
+
+        self.pool = ClamdPool(options.clamd, connect_timeout=options.connect_timeout,
+                              timeout=options.scan_timeout, cooldown=options.clamd_cooldown,
+                              on_event=event)
+
+    @property
+    def description(self) -> str:
+        return "clamd " + ", ".join(self.pool.addresses)
+
+    def scan(self, message: Message) -> ScanResult:
+        return self.pool.scan(lambda: message.iter_bytes(CHUNK_SIZE))
+
+    def close(self) -> None:
+        """Connections are per scan; nothing stays open."""
+
+
+def build_engine(options: AntiVirusOptions, monkey: Monkey) -> Engine:
+    if options.resolved_engine == "command":
+        assert options.scanner_path is not None  # checked by the options
+        scanner = CommandScanner(
+            options.scanner_path,
+            args=options.scanner_args,
+            clean_codes=options.scanner_clean_codes,
+            infected_codes=options.scanner_infected_codes,
+            regex=options.scanner_virus_regex,
+            tempfile_template=options.tempfile_template,
+            timeout=options.scan_timeout,
+        )
+        scanner.check()  # a missing binary stops the daemon now, not every message later
+        return scanner
+    return ClamdEngine(options, monkey)
+
+
+def needs_for(options: AntiVirusOptions) -> Needs:
+    """Exactly what the configured behaviour uses, so the MTA is asked for no more.
+
+    Relay mode without headers needs no modification rights at all; notify
+    mode rewrites the body and the headers; quarantine needs the hold action.
+    """
+    actions: set[str] = set()
+    if options.add_headers:
+        # replace_header: change (or delete) copies from outside, add ours.
+        actions |= {Capability.ADD_HEADERS, Capability.CHANGE_HEADERS}
+    if options.action == "notify":
+        actions |= {Capability.CHANGE_BODY, Capability.CHANGE_HEADERS, Capability.ADD_HEADERS}
+    if options.action == "quarantine":
+        actions.add(Capability.QUARANTINE)
+    return Needs(envelope=options.action == "notify", headers=True, body=True,
+                 actions=frozenset(actions))
+
+
+def _domain_of(hostname: str) -> str:
+    labels = hostname.split(".")
+    return ".".join(labels[1:]) if len(labels) > 2 else hostname
+
+
+class AntiVirusBrain(Brain):
+    """Virus scanning with clamd (INSTREAM, failover) or a command-line scanner."""
+
+    Options = AntiVirusOptions
+    description = "virus scanning with clamd (INSTREAM, failover) or uvscan/clamscan"
+    #: An AV engine that cannot answer must not let mail through unscanned.
+    default_on_error = "tempfail"
+
+    def __init__(self, options: AntiVirusOptions, monkey: Monkey,
+                 name: str | None = None) -> None:
+        super().__init__(options, monkey, name)
+        self.options: AntiVirusOptions = options
+        self.action = options.action
+        self.needs = needs_for(options)
+        self.templates = load_templates(options.templates_dir)
+        self.hostname = monkey.hostname
+        self.domainname = options.domainname or _domain_of(self.hostname)
+        self.helpaddr = options.helpaddr or f"postmaster@{self.domainname}"
+        self.who = options.who or f"the mail system at {self.hostname}"
+        self.scanned_by = f"MilterMonkey-AV {__version__} on {self.hostname}"
+        self.engine = build_engine(options, monkey)
+        monkey.log(20, "av: %s; infected mail: %s", self.engine.description, self.action)
+
+    def close_brain(self) -> None:
+        self.engine.close()
+
+    # --- the hook -------------------------------------------------------------------------
+
+    @hookimpl
+    def eom_process(self, message: Message, ctx: MilterContext, monkey: Monkey) -> None:
+        o = self.options
+        size = message.size
+        if size < o.minscansize:
+            monkey.log(40, "%d bytes, below minscansize %d: not scanned", size, o.minscansize)
+            self._tag(ctx, f"Unscanned (smaller than minscansize {o.minscansize})")
+            return
+        if o.max_scan_size and size > o.max_scan_size:
+            self._oversize(ctx, monkey, f"{size} bytes, above max_scan_size {o.max_scan_size}")
+            return
+        # A ScanError propagates: the core applies on_error (tempfail by default).
+        result = self.engine.scan(message)
+        if result.status is Status.TOO_LARGE:
+            self._oversize(ctx, monkey, f"{result.engine} refused it as too large "
+                                        f"({result.detail}); max_scan_size is above "
+                                        "clamd's StreamMaxLength")
+            return
+        if result.clean:
+            monkey.log(50, "clean (%s, %.1f ms)", result.engine, result.seconds * 1000)
+            self._tag(ctx, "Clean")
+            return
+        self._infected(message, ctx, monkey, result)
+
+    # --- outcomes -------------------------------------------------------------------------
+
+    def _tag(self, ctx: MilterContext, status: str) -> None:
+        """Our X-Virus-* headers, replacing any copies from outside (never trusted)."""
+        if not self.options.add_headers:
+            return
+        ctx.replace_header(SCANNED_HEADER, self.scanned_by)
+        ctx.replace_header(STATUS_HEADER, one_line(status, 300))
+
+    def _oversize(self, ctx: MilterContext, monkey: Monkey, why: str) -> None:
+        action = self.options.oversize_action
+        monkey.log.warning("not scanned: %s; oversize_action %s", why, action)
+        if action == "reject":
+            ctx.reject(552, "5.3.4", "Message too big for virus scanning",
+                       reason=f"av: {why}")
+        elif action == "tempfail":
+            ctx.tempfail(452, "4.3.4", "Message too big for virus scanning, try later",
+                         reason=f"av: {why}")
+        else:
+            self._tag(ctx, "Unscanned (too large)")
+
+    def _infected(self, message: Message, ctx: MilterContext, monkey: Monkey,
+                  result: ScanResult) -> None:
+        o = self.options
+        name = one_line(result.name, 200)
+        monkey.log.warning("infected: %s (%s, %.1f ms); action %s", name, result.engine,
+                           result.seconds * 1000, self.action)
+        reason = f"virus {name}"
+        if self.action == "reject":
+            ctx.reject(o.reject_code, o.reject_xcode, o.reject_text.replace("%v", name),
+                       reason=reason)
+        elif self.action == "discard":
+            ctx.discard(reason=reason)
+        elif self.action == "quarantine":
+            ctx.quarantine(reason)
+            self._tag(ctx, f"Infected ({name})")
+        elif o.discard_pattern.search(name):
+            monkey.log.info("%s matches discard_pattern: discarded without notices", name)
+            ctx.discard(reason=f"{reason} (discard_pattern)")
+        else:
+            self._notify(message, ctx, monkey, name)
+
+    def _notify(self, message: Message, ctx: MilterContext, monkey: Monkey, name: str) -> None:
+        o = self.options
+        sender = message.envelope.sender.address if message.envelope.sender else ""
+        values = notice_values(
+            virus=name, sender=sender,
+            recipients=[r.address for r in message.envelope.recipients],
+            subject=message.headers.get("Subject"), queue_id=message.id,
+            message_id=message.message_id, who=self.who, domainname=self.domainname,
+            helpaddr=self.helpaddr, hostname=self.hostname)
+        if o.notify_recipients:
+            self._replace_with_notice(ctx, values, name)
+        else:
+            ctx.discard(reason=f"virus {name} (notify_recipients off)")
+        if o.notify_sender:
+            self._notify_sender(message, monkey, values)
+
+    def _replace_with_notice(self, ctx: MilterContext, values: dict[str, str],
+                             name: str) -> None:
+        """Turn the message into a plain-text notice: new body, Subject and MIME headers.
+
+        Every ``Content-*`` header goes (a multipart boundary or a base64
+        encoding would mangle the notice); From/To/Date stay so the
+        recipient sees which message it was.
+        """
+        subject, body = self.templates[RECIPIENT_NOTICE].render(values)
+        part = text_part(body)
+        ctx.replace_body(part.body)
+        ctx.replace_header("Subject", encode_header_value("Subject", subject))
+        for hname in dict.fromkeys(h.name for h in ctx.headers
+                                   if h.name.lower().startswith("content-")):
+            ctx.delete_all(hname)
+        ctx.replace_header("MIME-Version", "1.0")
+        ctx.add_header("Content-Type", part.content_type)
+        ctx.add_header("Content-Transfer-Encoding", part.transfer_encoding)
+        self._tag(ctx, f"Infected ({name})")
+
+    def sender_notice_skipped(self, message: Message) -> str | None:
+        """Why the sender must not get a notice (RFC 3834 rules), or None."""
+        sender = message.envelope.sender.bare if message.envelope.sender else ""
+        if not sender:
+            return "null sender (a bounce)"
+        if sender.split("@", 1)[0].lower() in ("mailer-daemon", "postmaster-bounces"):
+            return f"sender {sender} is a mailer daemon"
+        auto = (message.headers.get("Auto-Submitted") or "no").strip().lower()
+        if not auto.startswith("no"):
+            return f"Auto-Submitted: {one_line(auto, 40)}"
+        precedence = (message.headers.get("Precedence") or "").strip().lower()
+        if precedence in ("bulk", "junk", "list"):
+            return f"Precedence: {precedence}"
+        if message.headers.get("List-Id") is not None:
+            return "mailing list mail (List-Id)"
+        if parse_address(sender) is None:
+            return f"unusable sender address {one_line(sender, 80)!r}"
+        return None
+
+    def _notify_sender(self, message: Message, monkey: Monkey, values: dict[str, str]) -> None:
+        why_not = self.sender_notice_skipped(message)
+        if why_not:
+            monkey.log.info("no sender notice: %s", why_not)
+            return
+        to = parse_address(values["sender"])
+        assert to is not None
+        data = build_sender_notice(
+            template=self.templates[SENDER_NOTICE], values=values, to=to,
+            from_name=self.who, from_addr=self.helpaddr, hostname=self.hostname,
+            in_reply_to=message.message_id)
+        try:
+            self._send(monkey, [to.addr_spec], data)
+        except NoticeError as e:
+            # The message itself is handled; a lost notice is logged, not retried.
+            monkey.log.error("sender notice to %s failed: %s", to.addr_spec, e)
+            return
+        monkey.log.info("sender notice sent to %s", to.addr_spec)
+
+    def _send(self, monkey: Monkey, recipients: Sequence[str], data: bytes) -> None:
+        path = self.options.sendmail_path
+        if path is None:
+            monkey.send_mail(self.options.notice_sender, recipients, data)
+            return
+        send_with_sendmail(path, self.options.notice_sender, recipients, data)
+
+
+def send_with_sendmail(path: str, sender: str, recipients: Sequence[str], data: bytes) -> None:
+    """Hand a notice to a sendmail-compatible binary (the brain's own ``sendmail_path``)."""
+    if not os.access(path, os.X_OK):
+        raise NoticeError(f"sendmail_path {path} is not executable")
+    env_from = sender.strip().removeprefix("<").removesuffix(">")
+    try:
+        proc = subprocess.run([path, "-i", "-f", env_from or "<>", "--", *recipients],
+                              input=data, capture_output=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise NoticeError(f"{path}: {e}") from e
+    if proc.returncode != 0:
+        raise NoticeError(f"{path} exited {proc.returncode}: "
+                          f"{proc.stderr.decode(errors='replace').strip()}")

@@ -1,0 +1,264 @@
+"""Test mail for the AV brain, and the signatures that detect it.
+
+Run ``python av_samples.py OUTDIR`` to write every sample as ``OUTDIR/NAME.eml``
+(to feed them to a real MTA by hand); the tests import :data:`SAMPLES`.
+
+Why generated instead of committed .eml files: a desktop scanner on a
+developer's machine would quarantine a checked-in EICAR file, and the
+encodings (zip, base64, quoted-printable, nested message/rfc822) are easier
+to review as the code that builds them.  Every sample is built
+deterministically, so the bytes are the same on every run.
+
+The markers are strings invented for this project; ``signatures/`` holds
+the ClamAV signatures for them (hex ``.ndb`` body signatures and one
+``.hdb`` MD5 file signature).  :func:`signature_files` regenerates that
+database from this module, and a test checks the committed files match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+import sys
+import zipfile
+from email import policy
+from email.message import EmailMessage
+from pathlib import Path
+
+import attrs
+
+#: The 68-byte EICAR test string, split so this file is not itself "infected".
+EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+
+#: Invented marker strings; each has a signature in ``signatures/``.
+ALPHA = b"MilterMonkey-AV test marker ALPHA 5b2f0c1e8d7a4c339e416a0f2d9b7c15"
+WORM = b"MilterMonkey-AV test marker WORM 0c9e1f5a77d34b2e8f1a6c0d3b5e7a91"
+#: Contains '=' and is longer than a quoted-printable line, so its encoded
+#: form (=3D escapes, soft line breaks) never contains the marker itself.
+QP = (b"MilterMonkey-AV=quoted=printable=marker=" + b"7d1c0b9a2e8f4a6b" * 4 + b"=end")
+#: An attachment detected by its MD5 (``.hdb``): only the decoded file matches.
+HASH_PAYLOAD = b"MilterMonkey-AV hash signature payload\n" * 40
+
+SUFFIX = ".UNOFFICIAL"  # clamd appends it to every signature it did not ship
+NAME_EICAR = "MilterMonkey.Test.EICAR" + SUFFIX
+NAME_ALPHA = "MilterMonkey.Test.Alpha" + SUFFIX
+NAME_WORM = "MilterMonkey.Test.Worm.Mydoom" + SUFFIX
+NAME_QP = "MilterMonkey.Test.QP" + SUFFIX
+NAME_HASH = "MilterMonkey.Test.Hash" + SUFFIX
+
+SIGNATURE_DIR = Path(__file__).parent / "signatures"
+
+
+def signature_files() -> dict[str, str]:
+    """The signature database, as ``{file name: content}``.
+
+    ``miltermonkey-eicar.ndb`` has the same file name as the default database
+    of ``miltermonkey_core.testing.stack.Clamd``, so passing these files
+    replaces it instead of loading EICAR twice.
+    """
+    def ndb(name: str, data: bytes) -> str:
+        # Name:TargetType:Offset:HexSignature  (0 = any file, * = any offset)
+        return f"{name.removesuffix(SUFFIX)}:0:*:{data.hex()}\n"
+
+    return {
+        "miltermonkey-eicar.ndb": ndb(NAME_EICAR, EICAR),
+        "miltermonkey-av.ndb": ndb(NAME_ALPHA, ALPHA) + ndb(NAME_WORM, WORM) + ndb(NAME_QP, QP),
+        # MD5:FileSize:Name
+        "miltermonkey-av.hdb": (f"{hashlib.md5(HASH_PAYLOAD).hexdigest()}:"
+                                f"{len(HASH_PAYLOAD)}:{NAME_HASH.removesuffix(SUFFIX)}\n"),
+    }
+
+
+@attrs.frozen
+class Sample:
+    name: str
+    raw: bytes
+    #: The virus name clamd reports, or None for clean mail.
+    expect: str | None
+    #: Marker that must NOT appear in the raw bytes (proves the engine decoded).
+    hidden: bytes | None = None
+
+
+def _zip(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in files.items():
+            info = zipfile.ZipInfo(name, date_time=(2005, 1, 23, 6, 43, 39))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            z.writestr(info, data)
+    return buf.getvalue()
+
+
+def _noise(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def _base(subject: str, sender: str = "alice@example.org",
+          to: str = "bob@example.net", msgid: str | None = None) -> EmailMessage:
+    m = EmailMessage(policy=policy.SMTP)
+    m["From"] = sender
+    m["To"] = to
+    m["Subject"] = subject
+    m["Date"] = "Sun, 23 Jan 2005 06:43:39 +0000"
+    m["Message-ID"] = msgid or f"<{subject.replace(' ', '.').lower()}@example.org>"
+    return m
+
+
+def _bytes(m: EmailMessage) -> bytes:
+    return m.as_bytes(policy=policy.SMTP)
+
+
+def clean_plain() -> bytes:
+    m = _base("hello")
+    m.set_content("Just saying hello.\nNothing to see here.\n")
+    return _bytes(m)
+
+
+def clean_multipart() -> bytes:
+    m = _base("report attached")
+    m.set_content("The report is attached.\n")
+    m.add_alternative("<p>The report is <b>attached</b>.</p>\n", subtype="html")
+    m.add_attachment(_noise(20000, 1), maintype="application", subtype="octet-stream",
+                     filename="report.bin")
+    return _bytes(m)
+
+
+def clean_zip() -> bytes:
+    m = _base("archive")
+    m.set_content("Zipped notes.\n")
+    m.add_attachment(_zip({"notes.txt": b"nothing bad\n" * 100}), maintype="application",
+                     subtype="zip", filename="notes.zip")
+    return _bytes(m)
+
+
+def eicar_body() -> bytes:
+    m = _base("eicar in the body")
+    m.set_content(EICAR.decode("ascii") + "\n", cte="7bit")
+    return _bytes(m)
+
+
+def eicar_base64() -> bytes:
+    m = _base("eicar attachment")
+    m.set_content("see attachment\n")
+    m.add_attachment(EICAR, maintype="application", subtype="octet-stream",
+                     filename="eicar.com")
+    return _bytes(m)
+
+
+def eicar_zip() -> bytes:
+    m = _base("eicar zipped")
+    m.set_content("see attachment\n")
+    m.add_attachment(_zip({"readme.txt": b"hi\n", "eicar.com": EICAR}),
+                     maintype="application", subtype="zip", filename="eicar.zip")
+    return _bytes(m)
+
+
+def alpha_base64() -> bytes:
+    m = _base("alpha binary")
+    m.set_content("binary attached\n")
+    m.add_attachment(_noise(3000, 2) + ALPHA + _noise(3000, 3), maintype="application",
+                     subtype="octet-stream", filename="data.bin")
+    return _bytes(m)
+
+
+def alpha_zip() -> bytes:
+    m = _base("alpha zipped")
+    m.set_content("zip attached\n")
+    m.add_attachment(_zip({"a/b/data.bin": _noise(5000, 4) + ALPHA}), maintype="application",
+                     subtype="zip", filename="data.zip")
+    return _bytes(m)
+
+
+def alpha_nested() -> bytes:
+    """mixed > (alternative, message/rfc822 > mixed > base64 zip > file with ALPHA)."""
+    inner = _base("forwarded inner", sender="carol@example.com", msgid="<inner@example.com>")
+    inner.set_content("inner text\n")
+    inner.add_attachment(_zip({"deep.bin": ALPHA + b"\n"}), maintype="application",
+                         subtype="zip", filename="deep.zip")
+    outer = _base("fwd: nested")
+    outer.set_content("see forwarded message\n")
+    outer.add_alternative("<p>see forwarded message</p>\n", subtype="html")
+    outer.add_attachment(inner)  # message/rfc822
+    return _bytes(outer)
+
+
+def qp_text() -> bytes:
+    m = _base("quoted printable")
+    m.set_content("Line before.\n" + QP.decode("ascii") + "\nLine after.\n",
+                  cte="quoted-printable")
+    return _bytes(m)
+
+
+def hash_attachment() -> bytes:
+    m = _base("hash match")
+    m.set_content("file attached\n")
+    m.add_attachment(HASH_PAYLOAD, maintype="application", subtype="octet-stream",
+                     filename="payload.dat")
+    return _bytes(m)
+
+
+def worm_mydoom() -> bytes:
+    """A mass-mailer-style message: forged sender, zipped payload."""
+    m = _base("Mail Delivery System", sender="postmaster@victim.example",
+              to="bob@example.net", msgid="<worm@victim.example>")
+    m.set_content("The message contains Unicode characters and has been sent as a binary "
+                  "attachment.\n")
+    m.add_attachment(_zip({"document.scr": _noise(2000, 5) + WORM}), maintype="application",
+                     subtype="zip", filename="document.zip")
+    return _bytes(m)
+
+
+def eicar_8bit_headers() -> bytes:
+    """EICAR behind raw Latin-1 header bytes and a NUL-free but hostile subject."""
+    head = (b"From: =?iso-8859-1?q?J=FCrgen?= <juergen@example.de>\r\n"
+            b"To: bob@example.net\r\n"
+            b"Subject: Gr\xfc\xdfe \xe9t\xe9 %s %v %%\r\n"
+            b"Message-ID: <latin1@example.de>\r\n"
+            b"MIME-Version: 1.0\r\n"
+            b"Content-Type: text/plain; charset=iso-8859-1\r\n"
+            b"Content-Transfer-Encoding: 8bit\r\n\r\n")
+    return head + b"Gr\xfc\xdfe\r\n" + EICAR + b"\r\n"
+
+
+SAMPLES: tuple[Sample, ...] = (
+    Sample("clean-plain", clean_plain(), None),
+    Sample("clean-multipart", clean_multipart(), None),
+    Sample("clean-zip", clean_zip(), None),
+    Sample("eicar-body", eicar_body(), NAME_EICAR),
+    Sample("eicar-base64", eicar_base64(), NAME_EICAR, EICAR),
+    Sample("eicar-zip", eicar_zip(), NAME_EICAR, EICAR),
+    Sample("eicar-8bit-headers", eicar_8bit_headers(), NAME_EICAR),
+    Sample("alpha-base64", alpha_base64(), NAME_ALPHA, ALPHA),
+    Sample("alpha-zip", alpha_zip(), NAME_ALPHA, ALPHA),
+    Sample("alpha-nested", alpha_nested(), NAME_ALPHA, ALPHA),
+    Sample("qp-text", qp_text(), NAME_QP, QP),
+    Sample("hash-attachment", hash_attachment(), NAME_HASH, HASH_PAYLOAD),
+    Sample("worm-mydoom", worm_mydoom(), NAME_WORM, WORM),
+)
+
+CLEAN = tuple(s for s in SAMPLES if s.expect is None)
+INFECTED = tuple(s for s in SAMPLES if s.expect is not None)
+
+
+def sample(name: str) -> Sample:
+    for s in SAMPLES:
+        if s.name == name:
+            return s
+    raise KeyError(name)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(f"usage: {argv[0]} OUTDIR", file=sys.stderr)
+        return 2
+    out = Path(argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    for s in SAMPLES:
+        (out / f"{s.name}.eml").write_bytes(s.raw)
+    print(f"wrote {len(SAMPLES)} samples to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv))
