@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -406,7 +407,18 @@ class MilterAdapter:
                  " quarantined" if decision.ctx.quarantine_request else "", brains)
         if v is not None and v.action is Action.DISCARD:
             return int(Milter.DISCARD)
+        if decision.ctx.after_accept_jobs:
+            _after_accept(decision.ctx, s.qid)
         return int(Milter.ACCEPT)
+
+
+def _after_accept(ctx: Any, qid: str) -> None:
+    """Run brains' after-accept jobs (notices) on their own thread: the MTA
+    need not wait for a sendmail process to hear that the message is accepted."""
+    from miltermonkey_core.runner import run_after_accept
+
+    threading.Thread(target=run_after_accept, args=(ctx, qid), name="mm-after-accept",
+                     daemon=True).start()
 
 
 def set_nodelay_on_listeners() -> int:

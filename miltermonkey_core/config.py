@@ -1261,6 +1261,11 @@ def build_brain_options(brain_cls: type, entry: BrainEntry, config: Config | Non
             raise fail(f"brain {entry.use!r} takes no options ({where})", key)
         return options_cls() if options_cls is not None else None
     fields = _option_fields(options_cls)
+    clash = sorted(set(fields) & set(BRAIN_KEYS))
+    if clash:
+        raise fail(
+            f"brain {entry.use!r} has option(s) {', '.join(clash)} that clash with keys every "
+            "[[brain]] table reserves; the brain must rename them", None)
     aliases: Mapping[str, str] = getattr(options_cls, "OPTION_ALIASES", {}) or {}
     hints = _type_hints(options_cls)
     kwargs: dict[str, Any] = {}

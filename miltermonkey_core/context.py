@@ -164,6 +164,7 @@ class _Mark:
     recipients: list[str]
     quarantine: Quarantine | None
     verdict: Verdict | None
+    n_after: int
 
 
 class MilterContext:
@@ -185,6 +186,8 @@ class MilterContext:
         self._recipients: list[str] = [r.address for r in message.envelope.recipients]
         self._brain = "core"
         self._mark: _Mark | None = None
+        #: Work to do once the MTA has been told to accept (notices): (brain, fn).
+        self.after_accept_jobs: list[tuple[str, Callable[[], None]]] = []
 
     # --- driven by the dispatcher -----------------------------------------------
 
@@ -196,7 +199,7 @@ class MilterContext:
     def begin(self, brain: str) -> None:
         self._brain = brain
         self._mark = _Mark(brain, len(self.edits), list(self._view), list(self._recipients),
-                           self.quarantine_request, self._verdict)
+                           self.quarantine_request, self._verdict, len(self.after_accept_jobs))
 
     def rollback(self) -> list[Edit]:
         """Undo everything the current brain recorded; return what was undone."""
@@ -209,6 +212,7 @@ class MilterContext:
         self._recipients = m.recipients
         self.quarantine_request = m.quarantine
         self._verdict = m.verdict
+        del self.after_accept_jobs[m.n_after :]
         return undone
 
     def end(self) -> None:
@@ -354,6 +358,16 @@ class MilterContext:
         reason = " ".join(reason.split()) or "quarantined"
         if self._allow(Capability.QUARANTINE, "quarantine"):
             self.quarantine_request = Quarantine(reason, self._brain)
+
+    def after_accept(self, job: Callable[[], None]) -> None:
+        """Run ``job`` only once the message is accepted (not rejected, tempfailed
+        or discarded by any brain), outside the MTA's wait.
+
+        For side effects such as notices: sent from ``eom_process`` directly, a
+        notice would go out even when a later brain tempfails the message, and
+        again on every retry.
+        """
+        self.after_accept_jobs.append((self._brain, job))
 
     # --- verdicts -------------------------------------------------------------
 

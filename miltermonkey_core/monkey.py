@@ -108,7 +108,13 @@ class Monkey:
 
     # --- notices ----------------------------------------------------------------
 
-    def send_mail(self, sender: str, recipients: Sequence[str], message: bytes) -> None:
+    def send_mail(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        message: bytes,
+        sendmail_path: str | None = None,
+    ) -> None:
         """Hand a notice to the MTA, by SMTP if ``notify_smtp`` is set, else sendmail.
 
         Notices re-enter the MTA and pass the milters again: they must be
@@ -119,7 +125,8 @@ class Monkey:
         env_from = sender.strip().removeprefix("<").removesuffix(">")
         if not rcpts:
             raise NoticeError("notice has no recipients")
-        if self.notify_smtp:
+        sendmail = sendmail_path or self.sendmail_path
+        if self.notify_smtp and not sendmail_path:
             host, _, port = self.notify_smtp.rpartition(":")
             try:
                 with smtplib.SMTP(host or "127.0.0.1", int(port), timeout=30) as s:
@@ -127,20 +134,20 @@ class Monkey:
             except (OSError, smtplib.SMTPException) as e:
                 raise NoticeError(f"SMTP {self.notify_smtp}: {e}") from e
             return
-        if not os.access(self.sendmail_path, os.X_OK):
-            raise NoticeError(f"sendmail_path {self.sendmail_path} is not executable")
+        if not os.access(sendmail, os.X_OK):
+            raise NoticeError(f"sendmail_path {sendmail} is not executable")
         try:
             proc = subprocess.run(
-                [self.sendmail_path, "-i", "-f", env_from, "--", *rcpts],
+                [sendmail, "-i", "-f", env_from, "--", *rcpts],
                 input=message,
                 capture_output=True,
                 timeout=60,
                 check=False,
             )
         except (OSError, subprocess.TimeoutExpired) as e:
-            raise NoticeError(f"{self.sendmail_path}: {e}") from e
+            raise NoticeError(f"{sendmail}: {e}") from e
         if proc.returncode != 0:
             raise NoticeError(
-                f"{self.sendmail_path} exited {proc.returncode}: "
+                f"{sendmail} exited {proc.returncode}: "
                 f"{proc.stderr.decode(errors='replace').strip()}"
             )

@@ -17,7 +17,7 @@ import attrs
 from miltermonkey_core.context import Capability, MilterContext, ReplaceBody
 from miltermonkey_core.dispatch import BrainResult, Chain
 from miltermonkey_core.engine import Decision, Engine, EngineSettings
-from miltermonkey_core.logs import ROOT
+from miltermonkey_core.logs import ROOT, queue_id
 from miltermonkey_core.model import Connection, message_from_bytes
 from miltermonkey_core.monkey import Monkey
 from miltermonkey_core.verdict import Action, Verdict
@@ -95,7 +95,8 @@ def run_engine(
     allowed: frozenset[str] = Capability.ALL,
 ) -> OfflineResult:
     """Feed one message through every stage of a session, as the MTA would."""
-    with _capture() as lines:
+    qid = (macros or {}).get("i") or "offline"
+    with _capture() as lines, queue_id(qid):
         conn = connection or Connection(id="offline", hostname="localhost", family="inet",
                                         address="127.0.0.1", port=0)
         conn.macros.update(macros or {})
@@ -135,11 +136,24 @@ def run_engine(
                     return r
             decision: Decision = session.eom(allowed)
             body = b"" if decision.action.final else _rebuild(decision.ctx)
+            if decision.action in (Action.ACCEPT, Action.CONTINUE):
+                run_after_accept(decision.ctx, qid)
             return OfflineResult(decision.verdict, decision.ctx, decision.results,
                                  list(lines), body)
         finally:
             parsed.close()
             session.close()
+
+
+def run_after_accept(ctx: MilterContext, qid: str) -> None:
+    """Run the brains' after-accept jobs; a failing job is logged, never raised."""
+    log = logging.getLogger(f"{ROOT}.after_accept")
+    for brain, job in ctx.after_accept_jobs:
+        try:
+            with queue_id(qid):
+                job()
+        except Exception as e:
+            log.exception("%s: after-accept job of brain %s failed: %s", qid, brain, e)
 
 
 def build_engine(config: Any) -> Engine:

@@ -144,3 +144,34 @@ def test_needs_union_follows_hooks() -> None:
     chain = Chain([BrainSlot("h", "h", mk(OnlyHeaders, "h"), Monkey())])
     n = chain.needs()
     assert n.headers and not n.body and not n.envelope
+
+
+class Notifier(Brain):
+    sent: list[str] = []
+
+    @hookimpl
+    def eom_process(self, message: Message, ctx: MilterContext, monkey: Monkey) -> None:
+        ctx.after_accept(lambda: Notifier.sent.append(self.name))
+
+
+def test_after_accept_jobs_run_only_when_accepted() -> None:
+    Notifier.sent = []
+    run(mk(Notifier, "n1"), mk(Stamp, "a"))
+    assert Notifier.sent == ["n1"]
+    Notifier.sent = []
+    res = run(mk(Notifier, "n1"), mk(Rejecter, "gate"))
+    assert res.action is Action.REJECT and Notifier.sent == []
+    res = run(mk(Notifier, "n1"), mk(Boom, "boom"))
+    assert res.action is Action.TEMPFAIL and Notifier.sent == []
+
+
+def test_after_accept_job_of_failing_brain_is_rolled_back() -> None:
+    class NotifyThenFail(Brain):
+        @hookimpl
+        def eom_process(self, message: Message, ctx: MilterContext, monkey: Monkey) -> None:
+            ctx.after_accept(lambda: Notifier.sent.append("doomed"))
+            raise RuntimeError("after recording")
+
+    Notifier.sent = []
+    res = run(mk(NotifyThenFail, "nf"), mk(Notifier, "n2"), policies={"nf": "accept"})
+    assert res.action is Action.ACCEPT and Notifier.sent == ["n2"]
