@@ -375,6 +375,8 @@ class MilterAdapter:
         if v is not None and v.final:
             log.info("%s: %s by %s in %.1f ms [%s]", s.qid, v.describe(), v.brain,
                      decision.seconds * 1000, brains)
+            if v.action is Action.DISCARD and decision.ctx.after_accept_jobs:
+                _after_accept(decision.ctx, s.qid)
             return self._reply(conn, v)
         ctx = conn.ctx
         try:
@@ -405,8 +407,6 @@ class MilterAdapter:
         log.info("%s: accept in %.1f ms, %d edit(s)%s [%s]", s.qid, decision.seconds * 1000,
                  len(decision.ctx.edits),
                  " quarantined" if decision.ctx.quarantine_request else "", brains)
-        if v is not None and v.action is Action.DISCARD:
-            return int(Milter.DISCARD)
         if decision.ctx.after_accept_jobs:
             _after_accept(decision.ctx, s.qid)
         return int(Milter.ACCEPT)

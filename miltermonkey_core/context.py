@@ -360,8 +360,8 @@ class MilterContext:
             self.quarantine_request = Quarantine(reason, self._brain)
 
     def after_accept(self, job: Callable[[], None]) -> None:
-        """Run ``job`` only once the message is accepted (not rejected, tempfailed
-        or discarded by any brain), outside the MTA's wait.
+        """Run ``job`` only once the client's transaction succeeded (the message is
+        accepted or discarded, never rejected or tempfailed), outside the MTA's wait.
 
         For side effects such as notices: sent from ``eom_process`` directly, a
         notice would go out even when a later brain tempfails the message, and

@@ -138,7 +138,7 @@ class Monkey:
             raise NoticeError(f"sendmail_path {sendmail} is not executable")
         try:
             proc = subprocess.run(
-                [sendmail, "-i", "-f", env_from, "--", *rcpts],
+                [sendmail, "-i", "-f", env_from or "<>", "--", *rcpts],
                 input=message,
                 capture_output=True,
                 timeout=60,

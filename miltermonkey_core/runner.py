@@ -136,7 +136,7 @@ def run_engine(
                     return r
             decision: Decision = session.eom(allowed)
             body = b"" if decision.action.final else _rebuild(decision.ctx)
-            if decision.action in (Action.ACCEPT, Action.CONTINUE):
+            if decision.action in (Action.ACCEPT, Action.CONTINUE, Action.DISCARD):
                 run_after_accept(decision.ctx, qid)
             return OfflineResult(decision.verdict, decision.ctx, decision.results,
                                  list(lines), body)

@@ -23,9 +23,6 @@ the ``[[brain]]`` table and the core does not call this brain for it.
 
 from __future__ import annotations
 
-import os
-import subprocess
-from collections.abc import Sequence
 from typing import Protocol
 
 from miltermonkey_av import __version__
@@ -235,7 +232,7 @@ class AntiVirusBrain(Brain):
         else:
             ctx.discard(reason=f"virus {name} (notify_recipients off)")
         if o.notify_sender:
-            self._notify_sender(message, monkey, values)
+            self._notify_sender(message, ctx, monkey, values)
 
     def _replace_with_notice(self, ctx: MilterContext, values: dict[str, str],
                              name: str) -> None:
@@ -276,7 +273,8 @@ class AntiVirusBrain(Brain):
             return f"unusable sender address {one_line(sender, 80)!r}"
         return None
 
-    def _notify_sender(self, message: Message, monkey: Monkey, values: dict[str, str]) -> None:
+    def _notify_sender(self, message: Message, ctx: MilterContext, monkey: Monkey,
+                       values: dict[str, str]) -> None:
         why_not = self.sender_notice_skipped(message)
         if why_not:
             monkey.log.info("no sender notice: %s", why_not)
@@ -287,32 +285,17 @@ class AntiVirusBrain(Brain):
             template=self.templates[SENDER_NOTICE], values=values, to=to,
             from_name=self.who, from_addr=self.helpaddr, hostname=self.hostname,
             in_reply_to=message.message_id)
-        try:
-            self._send(monkey, [to.addr_spec], data)
-        except NoticeError as e:
-            # The message itself is handled; a lost notice is logged, not retried.
-            monkey.log.error("sender notice to %s failed: %s", to.addr_spec, e)
-            return
-        monkey.log.info("sender notice sent to %s", to.addr_spec)
 
-    def _send(self, monkey: Monkey, recipients: Sequence[str], data: bytes) -> None:
-        path = self.options.sendmail_path
-        if path is None:
-            monkey.send_mail(self.options.notice_sender, recipients, data)
-            return
-        send_with_sendmail(path, self.options.notice_sender, recipients, data)
+        def send() -> None:
+            # Only once the message is accepted: a later brain's tempfail would
+            # otherwise mean one notice per retry.
+            try:
+                monkey.send_mail(self.options.notice_sender, [to.addr_spec], data,
+                                 sendmail_path=self.options.sendmail_path)
+            except NoticeError as e:
+                # The message itself is handled; a lost notice is logged, not retried.
+                monkey.log.error("sender notice to %s failed: %s", to.addr_spec, e)
+                return
+            monkey.log.info("sender notice sent to %s", to.addr_spec)
 
-
-def send_with_sendmail(path: str, sender: str, recipients: Sequence[str], data: bytes) -> None:
-    """Hand a notice to a sendmail-compatible binary (the brain's own ``sendmail_path``)."""
-    if not os.access(path, os.X_OK):
-        raise NoticeError(f"sendmail_path {path} is not executable")
-    env_from = sender.strip().removeprefix("<").removesuffix(">")
-    try:
-        proc = subprocess.run([path, "-i", "-f", env_from or "<>", "--", *recipients],
-                              input=data, capture_output=True, timeout=60, check=False)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise NoticeError(f"{path}: {e}") from e
-    if proc.returncode != 0:
-        raise NoticeError(f"{path} exited {proc.returncode}: "
-                          f"{proc.stderr.decode(errors='replace').strip()}")
+        ctx.after_accept(send)

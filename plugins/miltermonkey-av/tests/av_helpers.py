@@ -43,9 +43,12 @@ class RecordingMonkey(Monkey):
         kw.setdefault("debug_level", 60)
         super().__init__(**kw)
         self.sent: list[tuple[str, list[str], bytes]] = []
+        self.sendmail_paths: list[str | None] = []
 
-    def send_mail(self, sender: str, recipients: Sequence[str], message: bytes) -> None:
+    def send_mail(self, sender: str, recipients: Sequence[str], message: bytes,
+                  sendmail_path: str | None = None) -> None:
         self.sent.append((sender, list(recipients), message))
+        self.sendmail_paths.append(sendmail_path)
 
 
 def tcp(c: Clamd) -> str:
