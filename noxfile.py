@@ -14,7 +14,7 @@ nox.options.sessions = ["tests", "lint", "types"]
 nox.options.reuse_existing_virtualenvs = True
 
 PACKAGES = ["-e", ".", "-e", "plugins/miltermonkey-av", "-e", "plugins/miltermonkey-spam",
-            "-e", "tests/fixture_brains"]
+            "-e", "tests/fixture_brains", "-e", "tests/brains_fixture"]
 
 
 def install_project(session: nox.Session) -> None:

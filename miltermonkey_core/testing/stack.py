@@ -43,9 +43,9 @@ import smtplib
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -62,6 +62,7 @@ __all__ = [
     "SinkMessage",
     "SmtpResult",
     "SmtpSink",
+    "SmtpStage",
     "Spamd",
     "StackError",
     "StackPart",
@@ -74,10 +75,7 @@ __all__ = [
 
 #: The 68-byte EICAR anti-virus test string.  Kept as bytes so that no
 #: scanner on a developer's machine quarantines this source file.
-EICAR: bytes = (
-    b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$"
-    b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
-)
+EICAR: bytes = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 
 #: The name clamd reports for :data:`EICAR` with the default database
 #: (clamd appends ``.UNOFFICIAL`` to every signature it did not ship).
@@ -107,6 +105,9 @@ class StackTimeoutError(StackError, TimeoutError):
 # --------------------------------------------------------------------------
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that nothing is bound to right now.
 
@@ -114,10 +115,16 @@ def free_port() -> int:
     Another process may still take it before the caller binds it; the window
     is small enough for tests.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    for _attempt in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        # The kernel may offer a just-closed port again; a fixture asking for
+        # a sink port and an smtpd port in a row must get two different ones.
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise StackError("free_port: the kernel keeps offering ports already handed out")
 
 
 def _which(name: str) -> str | None:
@@ -203,9 +210,7 @@ def _children(ppid: int) -> list[int]:
     return found
 
 
-def _wait_until(
-    predicate: Callable[[], bool], timeout: float, interval: float = _POLL
-) -> bool:
+def _wait_until(predicate: Callable[[], bool], timeout: float, interval: float = _POLL) -> bool:
     deadline = time.monotonic() + timeout
     while True:
         if predicate():
@@ -236,11 +241,26 @@ def _terminate(pid: int, timeout: float, group: bool = False) -> None:
         if not _wait_until(lambda: not _pid_alive(pid), timeout):
             _signal(pid, signal.SIGKILL)
             _wait_until(lambda: not _pid_alive(pid), 5.0)
-    if pgid is not None and pgid == pid:
-        # Workers of a killed parent may hold the listening socket.
-        if not _wait_until(lambda: not _group_members(pgid), 2.0):
-            _kill_group(pgid, signal.SIGKILL)
-            _wait_until(lambda: not _group_members(pgid), 5.0)
+    # Workers of a killed parent may still hold the listening socket.
+    if pgid is not None and pgid == pid and not _wait_until(lambda: not _group_members(pgid), 2.0):
+        _kill_group(pgid, signal.SIGKILL)
+        _wait_until(lambda: not _group_members(pgid), 5.0)
+
+
+def _pid_runs(pid: int, program: str) -> bool:
+    """Is *pid* alive and still the *program* whose pid file named it?
+
+    A pid file can outlive its daemon (a crash, a SIGKILL), and the kernel
+    may give the number to an unrelated process; signalling that one would
+    be a disaster.
+    """
+    if not _pid_alive(pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # cannot tell (no /proc): trust the pid file
+    return program.encode() in cmdline
 
 
 def _read_pidfile(path: Path) -> int | None:
@@ -256,16 +276,45 @@ def _read_pidfile(path: Path) -> int | None:
         return None
 
 
-def _port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    """Would a server fail to listen on *port* now?
+def _hex_addr(address: str) -> str:
+    # /proc/net/tcp prints the address as a native-endian 32-bit number.
+    return f"{int.from_bytes(socket.inet_aton(address), sys.byteorder):08X}"
 
-    Binding (not connecting) is the test, because a connection would start a
-    real SMTP session and wake milters that tests count.
+
+_LISTEN = "0A"
+_V4_ANY = "0" * 8
+_V6_ANY = "0" * 32
+
+
+def _port_in_use(port: int) -> bool:
+    """Does something listen on 127.0.0.1:*port* (or on every address)?
+
+    Read from /proc/net/tcp instead of probed: a connection would start a
+    real SMTP session (and wake the milters under test), and a probing bind
+    could collide with a daemon that binds the port at that very moment.
     """
+    wanted = {f"{_hex_addr('127.0.0.1')}:{port:04X}", f"{_V4_ANY}:{port:04X}"}
+    try:
+        tables = [Path("/proc/net/tcp").read_text(encoding="ascii")]
+    except OSError:
+        return _bind_fails(port)
+    with contextlib.suppress(OSError):
+        tables.append(Path("/proc/net/tcp6").read_text(encoding="ascii"))
+        wanted.add(f"{_V6_ANY}:{port:04X}")
+    for table in tables:
+        for line in table.splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == _LISTEN and fields[1] in wanted:
+                return True
+    return False
+
+
+def _bind_fails(port: int) -> bool:
+    """Fallback for systems without /proc: would a server fail to bind *port* now?"""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((host, port))
+            sock.bind(("127.0.0.1", port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 return True
@@ -328,19 +377,24 @@ def _run_with_tty(cmd: Sequence[str], timeout: float = 60.0) -> tuple[int, str]:
         os.close(slave)
         slave = -1
         deadline = time.monotonic() + timeout
+
+        def read() -> bool:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: every writer has closed the terminal
+                return False
+            chunks.append(data)
+            return bool(data)
+
         while True:
-            ready, _, _ = select.select([master], [], [], 0.1)
-            if ready:
-                try:
-                    data = os.read(master, 4096)
-                except OSError:  # EIO: every writer has closed the terminal
-                    data = b""
-                if data:
-                    chunks.append(data)
+            if select.select([master], [], [], 0.1)[0]:
+                if read():
                     continue
-                if proc.poll() is not None:
-                    break
-            if proc.poll() is not None and not ready:
+                break
+            if proc.poll() is not None:
+                # It may have written its last words just before exiting.
+                while select.select([master], [], [], 0)[0] and read():
+                    pass
                 break
             if time.monotonic() > deadline:
                 proc.kill()
@@ -383,14 +437,19 @@ def _chown(path: Path, user: str, group: str | None = None, recursive: bool = Fa
     if recursive:
         paths = iter([path, *path.rglob("*")])
     for item in paths:
-        shutil.chown(item, user, group)
+        try:
+            shutil.chown(item, user, group)
+        except LookupError as exc:
+            raise StackError(f"cannot give {item} to {user}:{group or '-'}: {exc}") from None
 
 
 # --------------------------------------------------------------------------
 # the common base
 # --------------------------------------------------------------------------
 
-_RUNNING: weakref.WeakSet[StackPart] = weakref.WeakSet()
+# Strong references: a part that is still running must not be garbage
+# collected (a running Popen would warn, and nobody could stop the daemon).
+_RUNNING: set[StackPart] = set()
 
 
 @atexit.register
@@ -494,8 +553,7 @@ class StackPart:
     def _error(self, message: str, log: Path | None = None) -> StackError:
         log = log or self.log_path
         return StackError(
-            f"{self.name} ({self.state_dir}): {message}\n"
-            f"--- last lines of {log} ---\n{_tail(log)}"
+            f"{self.name} ({self.state_dir}): {message}\n--- last lines of {log} ---\n{_tail(log)}"
         )
 
     def _prepare_state_dir(self) -> None:
@@ -576,7 +634,6 @@ class _ChildProcessPart(StackPart):
 # smtp-sink
 # --------------------------------------------------------------------------
 
-_SINK_RECORDS = ("x-client-addr", "x-client-proto", "x-helo-args", "x-mail-args", "x-rcpt-args")
 _ADDRESS = re.compile(r"^\s*(?:from:|to:)?\s*<([^>]*)>", re.IGNORECASE)
 
 
@@ -584,7 +641,8 @@ def _address(args: str) -> str:
     match = _ADDRESS.match(args)
     if match:
         return match.group(1)
-    return args.split()[0] if args.split() else ""
+    words = args.split(maxsplit=1)
+    return words[0] if words else ""
 
 
 @attrs.frozen
@@ -606,14 +664,13 @@ class SinkMessage:
 
     def _split(self) -> tuple[bytes, bytes]:
         msg = self.message
+        if msg.startswith((b"\n", b"\r\n")):  # no header at all
+            return b"", msg.split(b"\n", 1)[1]
         for sep in (b"\r\n\r\n", b"\n\n"):
             head, found, body = msg.partition(sep)
             if found and b"\n\n" not in head and b"\r\n\r\n" not in head:
                 return head + sep[: len(sep) // 2], body
-        # No blank line: the whole message is header (or the header is empty).
-        if msg.startswith((b"\n", b"\r\n")):
-            return b"", msg.split(b"\n", 1)[1]
-        return msg, b""
+        return msg, b""  # no blank line: all header
 
     def headers(self) -> list[tuple[str, str]]:
         """The header fields in order, unfolded, as (name, value) pairs."""
@@ -732,8 +789,12 @@ class SmtpSink(_ChildProcessPart):
             # smtp-sink refuses to run as root; the dumps then belong to nobody.
             _chown(self.dump_dir, "nobody", recursive=True)
             cmd += ["-u", "nobody"]
-        cmd += ["-d", f"{self.dump_dir}/%Y%m%d%H/%M.", f"127.0.0.1:{self.port}", "1000"]
-        self._spawn(cmd, self.log_path, cwd=self.state_dir)
+        # A template relative to its working directory: smtp-sink then never
+        # walks the path from / again.  Every new pytest session resets its
+        # base directory to 0700, and nobody could no longer reach an
+        # absolute path (smtp-sink dies on the first failed open).
+        cmd += ["-d", "%Y%m%d%H/%M.", f"127.0.0.1:{self.port}", "1000"]
+        self._spawn(cmd, self.log_path, cwd=self.dump_dir)
         self._wait_ready(lambda: _port_in_use(self.port))
 
     def stop(self) -> None:
@@ -898,42 +959,44 @@ def send_mail(
         return SmtpResult(0, f"cannot connect to {host}:{port}: {exc}", stage="connect")
     stage: SmtpStage = "helo"
     try:
-        with client:
-            code, text = _reply(*client.ehlo(helo))
+        code, text = _reply(*client.ehlo(helo))
+        if not 200 <= code < 300:
+            code, text = _reply(*client.helo(helo))
             if not 200 <= code < 300:
-                code, text = _reply(*client.helo(helo))
-                if not 200 <= code < 300:
-                    return SmtpResult(code, text, stage="helo")
-            options = []
-            if any(byte > 0x7F for byte in payload) and client.has_extn("8bitmime"):
-                options.append("BODY=8BITMIME")
-            stage = "mail"
-            code, text = _reply(*client.mail(sender, options))
+                return SmtpResult(code, text, stage="helo")
+        options = []
+        if any(byte > 0x7F for byte in payload) and client.has_extn("8bitmime"):
+            options.append("BODY=8BITMIME")
+        stage = "mail"
+        code, text = _reply(*client.mail(sender, options))
+        if not 200 <= code < 300:
+            return SmtpResult(code, text, stage="mail")
+        stage = "rcpt"
+        refused: dict[str, tuple[int, str]] = {}
+        for rcpt in recipients:
+            code, text = _reply(*client.rcpt(rcpt))
             if not 200 <= code < 300:
-                return SmtpResult(code, text, stage="mail")
-            stage = "rcpt"
-            refused: dict[str, tuple[int, str]] = {}
-            for rcpt in recipients:
-                code, text = _reply(*client.rcpt(rcpt))
-                if not 200 <= code < 300:
-                    refused[rcpt] = (code, text)
-            if len(refused) == len(recipients):
-                code, text = refused[recipients[-1]] if recipients else (0, "no recipients")
-                return SmtpResult(code, text, stage="rcpt", refused=refused)
-            stage = "data"
-            try:
-                code, text = _reply(*client.data(payload))
-            except smtplib.SMTPDataError as exc:
-                return SmtpResult(*_reply(exc.smtp_code, exc.smtp_error), "data", refused)
-            with contextlib.suppress(smtplib.SMTPException, OSError):
-                client.quit()
-            # smtplib returns the reply to the final dot instead of raising
-            final_stage: SmtpStage | None = None if 200 <= code < 300 else "data"
-            return SmtpResult(code, text, stage=final_stage, refused=refused)
+                refused[rcpt] = (code, text)
+        if len(refused) == len(recipients):
+            code, text = refused[recipients[-1]] if recipients else (0, "no recipients")
+            return SmtpResult(code, text, stage="rcpt", refused=refused)
+        stage = "data"
+        try:
+            code, text = _reply(*client.data(payload))
+        except smtplib.SMTPDataError as exc:  # the DATA command itself was refused
+            return SmtpResult(*_reply(exc.smtp_code, exc.smtp_error), "data", refused)
+        # smtplib returns the reply to the final dot instead of raising.
+        final_stage: SmtpStage | None = None if 200 <= code < 300 else "data"
+        return SmtpResult(code, text, stage=final_stage, refused=refused)
     except smtplib.SMTPResponseException as exc:
         return SmtpResult(*_reply(exc.smtp_code, exc.smtp_error), stage=stage)
     except (smtplib.SMTPException, OSError) as exc:
         return SmtpResult(0, f"connection failed: {exc}", stage=stage)
+    finally:
+        # Not "with client": its QUIT may raise after the message was accepted.
+        with contextlib.suppress(smtplib.SMTPException, OSError):
+            client.quit()
+        client.close()
 
 
 # --------------------------------------------------------------------------
@@ -941,9 +1004,11 @@ def send_mail(
 # --------------------------------------------------------------------------
 
 _MASTER_CF = """\
-# Generated by miltermonkey_core.testing.stack: only what a relay needs.
+# Generated by miltermonkey_core.testing.stack: only what a relay needs
+# (pickup: postqueue -f refuses to run without it).
 # service  type  private unpriv  chroot  wakeup  maxproc command + args
 127.0.0.1:{port} inet n - n - - smtpd
+pickup     unix  n       -       n       60      1       pickup
 cleanup    unix  n       -       n       -       0       cleanup
 qmgr       unix  n       -       n       300     1       qmgr
 rewrite    unix  -       -       n       -       -       trivial-rewrite
@@ -970,8 +1035,18 @@ _QUEUE_DIRS = [
     "$queue_directory:d:root:-:755:uc",
     *(
         f"$queue_directory/{name}:d:$mail_owner:-:700:ucr"
-        for name in ("active", "bounce", "corrupt", "defer", "deferred", "flush", "hold",
-                     "incoming", "saved", "trace")
+        for name in (
+            "active",
+            "bounce",
+            "corrupt",
+            "defer",
+            "deferred",
+            "flush",
+            "hold",
+            "incoming",
+            "saved",
+            "trace",
+        )
     ),
     "$queue_directory/private:d:$mail_owner:-:700:uc",
     "$queue_directory/maildrop:d:$mail_owner:$setgid_group:730:uc",
@@ -1093,7 +1168,7 @@ class Postfix(StackPart):
     def pid(self) -> int | None:
         """The master process's pid while it runs."""
         pid = _read_pidfile(self.queue_dir / "pid" / "master.pid")
-        return pid if pid is not None and _pid_alive(pid) else None
+        return pid if pid is not None and _pid_runs(pid, "master") else None
 
     def is_running(self) -> bool:
         return self.pid is not None
@@ -1117,7 +1192,20 @@ class Postfix(StackPart):
             _MASTER_CF.format(port=self.smtp_port), encoding="utf-8"
         )
         self.log_path.touch()
+        self._cool_down_main_cf()
         self._configured = True
+
+    def _cool_down_main_cf(self) -> None:
+        """Backdate main.cf so Postfix programs do not wait for it to "cool down".
+
+        Every Postfix program re-reads a main.cf modified within the last
+        second or two in 0.3 s steps (to avoid reading a half-written file);
+        after each edit that costs about two seconds per command.  Our edits
+        are complete when the file is closed.
+        """
+        main_cf = self.config_dir / "main.cf"
+        past = time.time() - 10
+        os.utime(main_cf, (past, past))
 
     def _create_queue_dirs(self) -> None:
         """Create the queue and data directories the way ``post-install`` would.
@@ -1133,7 +1221,10 @@ class Postfix(StackPart):
         except OSError:
             entries = _QUEUE_DIRS
         roots = {"$queue_directory": self.queue_dir, "$data_directory": self.data_dir}
-        names = {"$mail_owner": "postfix", "$setgid_group": "postdrop"}
+        names = {
+            "$mail_owner": self._settings["mail_owner"],
+            "$setgid_group": self._settings["setgid_group"],
+        }
         for entry in entries:
             fields = entry.split(":")
             if len(fields) < 5 or fields[1] != "d":
@@ -1180,6 +1271,7 @@ class Postfix(StackPart):
         if status != 0:
             raise StackError(f"{self.name}: postconf -e {' '.join(args)} failed: {out.strip()}")
         self._settings.update(params)
+        self._cool_down_main_cf()
         if self.is_running():
             self.reload()
 
@@ -1198,15 +1290,17 @@ class Postfix(StackPart):
         self._configure()
         self._check_port_free(self.smtp_port)
         self._create_queue_dirs()
+        # quick-start: the directories exist, skip post-install's two seconds.
         (self.queue_dir / "quick-start").touch()
-        status, out = self._postfix("start")
+        # On a pty: without a terminal, postfix(1) and postfix-script send
+        # their complaints only to the maillog service, which is not running
+        # yet, so a failed start would say nothing.
+        status, out = _run_with_tty([_binary("postfix"), "-c", str(self.config_dir), "start"])
         if status != 0:
-            # 'postfix start' writes the reason to the maillog service, which
-            # is not running yet; 'postfix check' on a terminal shows it.
-            _status, detail = _run_with_tty(
-                [_binary("postfix"), "-c", str(self.config_dir), "check"]
-            )
-            raise self._error(f"postfix start failed ({status}):\n{out}{detail}")
+            (self.queue_dir / "quick-start").unlink(missing_ok=True)
+            with contextlib.suppress(StackError):
+                self.stop()
+            raise self._error(f"postfix start failed ({status}):\n{out}")
         pid = self.pid
         if pid is not None:
             _RUNNING.add(self)
@@ -1226,11 +1320,12 @@ class Postfix(StackPart):
         _wait_port_free(self.smtp_port, self.stop_timeout, self.name)
 
     def reload(self) -> None:
-        """``postfix reload`` and wait until sessions started afterwards see the new config.
+        """``postfix reload`` and wait until new SMTP sessions see the new config.
 
-        The master re-reads main.cf when it handles the signal, and idle smtpd
-        processes of the old generation exit soon after; until both happened a
-        new connection could still meet the old settings.
+        ``postfix reload`` only signals the master.  The master re-reads main.cf
+        when it handles the signal, and idle smtpd processes of the old
+        generation exit soon after; until both happened a new connection could
+        still be served with the old settings.
         """
         master = self.pid
         if master is None:
@@ -1242,11 +1337,10 @@ class Postfix(StackPart):
             raise self._error(f"postfix reload failed ({status}): {out.strip()}")
         if not _wait_until(lambda: self._reload_count() > before, self.start_timeout):
             raise self._error("the master did not log the reload")
-        if not _wait_until(lambda: not any(_pid_alive(p) for p in old), self.start_timeout):
-            raise self._error(
-                "processes of the old configuration still running: "
-                + ", ".join(str(p) for p in sorted(old) if _pid_alive(p))
-            )
+        # Idle processes leave within milliseconds; one still serving a session
+        # (a test holding a connection open) finishes it with the old settings,
+        # exactly as in production, so waiting for it would only stall.
+        _wait_until(lambda: not any(_pid_alive(p) for p in old), 2.0)
 
     # -- logs and queue --------------------------------------------------------
 
@@ -1259,9 +1353,7 @@ class Postfix(StackPart):
 
     def queue(self) -> list[dict[str, Any]]:
         """Every queued message as ``postqueue -j`` describes it (queue_name, queue_id, ...)."""
-        status, out = _run(
-            [_binary("postqueue"), "-c", str(self.config_dir), "-j"], timeout=30.0
-        )
+        status, out = _run([_binary("postqueue"), "-c", str(self.config_dir), "-j"], timeout=30.0)
         if status != 0:
             raise self._error(f"postqueue -j failed ({status}): {out.strip()}")
         entries = []
@@ -1429,14 +1521,14 @@ class Clamd(_ChildProcessPart):
         self._write_config()
         for stale in (self.unix_socket, self.state_dir / "clamd.pid"):
             stale.unlink(missing_ok=True)
-        self._spawn(
-            [_binary("clamd"), "-c", str(self.config_path)], self.state_dir / "clamd.out"
-        )
-        try:
-            self._wait_ready(lambda: self.ping() and self.unix_socket.exists())
-        except StackError as exc:
-            # Early errors (bad config) go to stdout before LogFile is open.
-            raise StackError(f"{exc}\n--- clamd stdout ---\n{_tail(self.state_dir / 'clamd.out')}")
+        self._spawn([_binary("clamd"), "-c", str(self.config_path)], self.state_dir / "clamd.out")
+        self._wait_ready(lambda: self.ping() and self.unix_socket.exists())
+
+    def _error(self, message: str, log: Path | None = None) -> StackError:
+        # Errors before LogFile is open (a bad config line) only reach stdout.
+        error = super()._error(message, log)
+        out = self.state_dir / "clamd.out"
+        return StackError(f"{error}\n--- last lines of {out} ---\n{_tail(out, 10)}")
 
     def stop(self) -> None:
         self._reap()
@@ -1511,7 +1603,7 @@ class Spamd(StackPart):
     def pid(self) -> int | None:
         """The parent spamd's pid while it runs."""
         pid = _read_pidfile(self.pid_file)
-        return pid if pid is not None and _pid_alive(pid) else None
+        return pid if pid is not None and _pid_runs(pid, "spamd") else None
 
     def is_running(self) -> bool:
         return self.pid is not None
@@ -1558,8 +1650,8 @@ class Spamd(StackPart):
         _RUNNING.add(self)
 
     def _kill(self, sig: signal.Signals) -> None:
-        pid = _read_pidfile(self.pid_file)
-        if pid is not None and _pid_alive(pid):
+        pid = self.pid
+        if pid is not None:
             if sig == signal.SIGKILL:
                 # Killing only the parent would leave the workers serving.
                 pgid = _process_group(pid)
@@ -1608,7 +1700,7 @@ def require_or_skip(part_cls: type[StackPart]) -> None:
     reason = part_cls.unavailable_reason()
     if reason is None:
         return
-    import pytest  # noqa: PLC0415  (only test runs have pytest)
+    import pytest  # only test runs have pytest
 
     if os.environ.get(REQUIRE_ENV) == "1":
         pytest.fail(f"{reason} ({REQUIRE_ENV}=1 requires it)", pytrace=False)
