@@ -1,0 +1,89 @@
+"""Two real hops with the real brains: AV scanned on the relay is not scanned again at the MX.
+
+Hop 1 (an outbound relay) runs av and spam on a real clamd and spamd and
+signs the message; hop 2 (the MX, same secret) has ``skip_if_key`` on for av
+only.  clamd is stopped before hop 2 sees the message: if av were not
+skipped, its tempfail policy would refuse the message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from miltermonkey_core.milterkey import generate_secret_file
+from miltermonkey_core.testing import mta, stack
+from miltermonkey_core.testing.daemon import MonkeyProcess
+
+pytest.importorskip("miltermonkey_av")
+pytest.importorskip("miltermonkey_spam")
+pytestmark = pytest.mark.engines
+
+CLEAN = (b"From: alice@relay.example\r\nTo: bob@mx.example\r\nSubject: quarterly numbers\r\n"
+         b"Message-ID: <hops-1@relay.example>\r\nDate: Tue, 24 Nov 2026 10:00:00 +0000\r\n\r\n"
+         b"Hello Bob,\r\nthe numbers are attached in the usual place.\r\nAlice\r\n")
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[stack.Clamd, stack.Spamd]]:
+    stack.require_or_skip(stack.Clamd)
+    stack.require_or_skip(stack.Spamd)
+    base = tmp_path_factory.mktemp("engines")
+    clamd = stack.Clamd(base / "clamd", stack.free_port())
+    spamd = stack.Spamd(base / "spamd", stack.free_port())
+    clamd.start()
+    spamd.start()
+    try:
+        yield clamd, spamd
+    finally:
+        clamd.stop()
+        spamd.stop()
+
+
+def brains(clamd: stack.Clamd, spamd: stack.Spamd, av_skip: bool) -> list[dict[str, object]]:
+    return [
+        {"use": "av", "clamd": [f"tcp:127.0.0.1:{clamd.tcp_address[1]}"],
+         "skip_if_key": av_skip},
+        {"use": "spam", "servers": [f"127.0.0.1:{spamd.address[1]}"], "skip_if_key": False},
+    ]
+
+
+def test_relay_scans_and_mx_skips_av_but_runs_spam(
+    engines: tuple[stack.Clamd, stack.Spamd], tmp_path: Path
+) -> None:
+    clamd, spamd = engines
+    secret = tmp_path / "miltersecret"
+    generate_secret_file(secret, "site1")
+    key = {"milter_key": True, "miltersecretfile": str(secret)}
+    hop1 = MonkeyProcess(tmp_path / "relay", brains(clamd, spamd, av_skip=False),
+                         {**key, "hostname": "relay.example"}, name="relay")
+    hop2 = MonkeyProcess(tmp_path / "mx", brains(clamd, spamd, av_skip=True),
+                         {**key, "hostname": "mx.example"}, name="mx")
+    with hop1, hop2:
+        first = mta.run_session(hop1.address, [(CLEAN, "<alice@relay.example>",
+                                                ["<bob@mx.example>"])])[0]
+        assert first.disposition is mta.Disposition.ACCEPT, first
+        relayed = first.applied
+        assert relayed is not None
+        assert relayed.header_values("X-Virus-Status") == ["Clean"]
+        assert relayed.header_values("X-Spam-Flag") in ([], ["NO"])
+        assert len(relayed.header_values("X-Milter-Key")) == 1
+        assert "ran=av:continue,spam:continue" in relayed.header_values("X-Milter-Key")[0] \
+            .replace("\n", "").replace("\t", "").replace(" ", "")
+
+        clamd.stop()  # av must not be needed at the MX any more
+        second = mta.run_session(hop2.address, [(relayed.as_bytes(), "<alice@relay.example>",
+                                                 ["<bob@mx.example>"])])[0]
+        assert second.disposition is mta.Disposition.ACCEPT, second
+        log = hop2.wait_for_log("trusted milter key: skipping av")
+        assert "av=skipped" in log and "spam=ran" in log
+        # spam ran at the MX: its status header was written again, exactly once
+        assert second.applied is not None
+        assert len(second.applied.header_values("X-Spam-Status")) == 1
+        # the MX re-signs, carrying the relay's av claim forward
+        mx_key = second.applied.header_values("X-Milter-Key")
+        assert len(mx_key) == 1 and "host=mx.example" in mx_key[0]
+        assert "av:continue" in mx_key[0].replace("\n", "").replace("\t", "")
+    clamd.start()
