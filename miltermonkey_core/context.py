@@ -165,6 +165,7 @@ class _Mark:
     quarantine: Quarantine | None
     verdict: Verdict | None
     n_after: int
+    unchecked: dict[str, str]
 
 
 class MilterContext:
@@ -188,6 +189,8 @@ class MilterContext:
         self._mark: _Mark | None = None
         #: Work to do once the MTA has been told to accept (notices): (brain, fn).
         self.after_accept_jobs: list[tuple[str, Callable[[], None]]] = []
+        #: Brains that let the message pass without judging it, and why.
+        self.unchecked_brains: dict[str, str] = {}
 
     # --- driven by the dispatcher -----------------------------------------------
 
@@ -199,7 +202,8 @@ class MilterContext:
     def begin(self, brain: str) -> None:
         self._brain = brain
         self._mark = _Mark(brain, len(self.edits), list(self._view), list(self._recipients),
-                           self.quarantine_request, self._verdict, len(self.after_accept_jobs))
+                           self.quarantine_request, self._verdict, len(self.after_accept_jobs),
+                           dict(self.unchecked_brains))
 
     def rollback(self) -> list[Edit]:
         """Undo everything the current brain recorded; return what was undone."""
@@ -213,6 +217,7 @@ class MilterContext:
         self.quarantine_request = m.quarantine
         self._verdict = m.verdict
         del self.after_accept_jobs[m.n_after :]
+        self.unchecked_brains = m.unchecked
         return undone
 
     def end(self) -> None:
@@ -358,6 +363,15 @@ class MilterContext:
         reason = " ".join(reason.split()) or "quarantined"
         if self._allow(Capability.QUARANTINE, "quarantine"):
             self.quarantine_request = Quarantine(reason, self._brain)
+
+    def unchecked(self, reason: str) -> None:
+        """Say this brain let the message through without judging it.
+
+        Its edits (an "Unchecked" status header, say) still apply, but the
+        milter key will not claim the brain ran, so the next hop checks the
+        message itself instead of trusting a scan that never happened.
+        """
+        self.unchecked_brains[self._brain] = " ".join(reason.split()) or "unchecked"
 
     def after_accept(self, job: Callable[[], None]) -> None:
         """Run ``job`` only once the client's transaction succeeded (the message is

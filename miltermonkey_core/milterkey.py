@@ -854,7 +854,7 @@ class KeyService:
             log.warning("%s: removed %d more untrusted milter keys", qid,
                         removed - MAX_LOGGED_REMOVALS)
 
-        ran = self._brains_to_sign(qid, results, insp)
+        ran = self._brains_to_sign(qid, results, insp, ctx.unchecked_brains)
         if not ran:
             log.debug("%s: no brain ran: no milter key added", qid)
             return
@@ -873,11 +873,23 @@ class KeyService:
                  ",".join(f"{n}:{v}" for n, v in ran), fields.expiry)
 
     def _brains_to_sign(
-        self, qid: str, results: Sequence[Any], insp: KeyInspection
+        self,
+        qid: str,
+        results: Sequence[Any],
+        insp: KeyInspection,
+        unchecked: Mapping[str, str],
     ) -> list[tuple[str, str]]:
-        """This hop's brains that ran, and those a trusted key let it skip, in chain order."""
+        """This hop's brains that ran, and those a trusted key let it skip, in chain order.
+
+        A brain that ran but said it could not judge the message (``ctx.unchecked``:
+        engine down under an accept policy, too large) is never claimed.
+        """
         out: list[tuple[str, str]] = []
         for r in results:
+            if r.brain in unchecked:
+                log.info("%s: brain %s not listed in the milter key: %s", qid, r.brain,
+                         unchecked[r.brain])
+                continue
             if r.outcome == "ran":
                 verdict = r.action.value if isinstance(r.action, Action) else str(r.action)
             elif r.outcome == "skipped" and r.brain in insp.spared:

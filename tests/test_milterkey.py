@@ -788,3 +788,33 @@ def test_cli_key_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     secret.chmod(0o644)
     with pytest.raises(SecretError, match="chmod 600"):
         _cli(["key", "verify", str(eml), "-c", str(cfg)])
+
+
+class _Unchecked(Brain):
+    needs = Needs(envelope=False, headers=True, body=True)
+
+    @hookimpl
+    def eom_process(self, message: Message, ctx: MilterContext, monkey: Monkey) -> None:
+        ctx.add_header("X-Spam-Status", "Unchecked (spamd unavailable)")
+        ctx.unchecked("spamd unavailable")
+
+
+def test_a_brain_that_could_not_judge_is_never_signed_as_ran() -> None:
+    base = Monkey(hostname="hop1")
+    chain = chain_of(_Stamp(None, base.for_brain("av"), "av"),
+                     _Unchecked(None, base.for_brain("spam"), "spam"))
+    out = run_engine(Engine(chain, base, key=service(hostname="hop1.example")), RAW)
+    assert out.header("X-Spam-Status") == "Unchecked (spamd unavailable)"
+    key = out.header("X-Milter-Key")
+    assert key is not None
+    assert KeyFields.parse(key).ran == (("av", "continue"),)
+    assert any("brain spam not listed in the milter key: spamd unavailable" in line
+               for line in out.log)
+
+
+def test_unchecked_is_rolled_back_with_a_failing_brain() -> None:
+    ctx = MilterContext(msg(RAW))
+    ctx.begin("spam")
+    ctx.unchecked("spamd down")
+    ctx.rollback()
+    assert ctx.unchecked_brains == {}

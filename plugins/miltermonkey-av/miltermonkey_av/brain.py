@@ -159,6 +159,7 @@ class AntiVirusBrain(Brain):
         if size < o.minscansize:
             monkey.log(40, "%d bytes, below minscansize %d: not scanned", size, o.minscansize)
             self._tag(ctx, f"Unscanned (smaller than minscansize {o.minscansize})")
+            ctx.unchecked(f"below minscansize {o.minscansize}")
             return
         if o.max_scan_size and size > o.max_scan_size:
             self._oversize(ctx, monkey, f"{size} bytes, above max_scan_size {o.max_scan_size}")
@@ -196,6 +197,7 @@ class AntiVirusBrain(Brain):
                          reason=f"av: {why}")
         else:
             self._tag(ctx, "Unscanned (too large)")
+            ctx.unchecked(f"not scanned: {why}")
 
     def _infected(self, message: Message, ctx: MilterContext, monkey: Monkey,
                   result: ScanResult) -> None:
