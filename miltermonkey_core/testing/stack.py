@@ -1625,6 +1625,9 @@ class Spamd(StackPart):
             "-x",
             "-L",
             "-H", str(self.home_dir),
+            # a Bayes database of its own: with -x, every spamd would share
+            # /var/lib/spamassassin's, its locks and what it learned
+            "--cf", f"bayes_path {self.home_dir}/bayes",
             "--max-children", str(self.max_children),
             "--min-children", str(min(2, self.max_children)),
             "-s", str(self.log_path),
