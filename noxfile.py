@@ -58,3 +58,16 @@ def bench(session: nox.Session) -> None:
     """Benchmarks against the peers on real Postfix, clamd and spamd (needs root)."""
     install_project(session)
     session.run("python", "bench/run.py", *session.posargs)
+
+
+@nox.session
+def long(session: nox.Session) -> None:
+    """The long reliability runs: 100,000-message RSS, 10,000+ fuzz cases, 300-message faults.
+
+    Results are recorded in docs/operations.md.
+    """
+    install_project(session)
+    session.run("pytest", "-s", "tests/test_reliability_postfix.py", "tests/test_fuzz.py",
+                "tests/test_reliability.py::test_no_leak_over_many_messages", *session.posargs,
+                env={"MILTERMONKEY_LONG": "1", "MILTERMONKEY_FAULT_REPORT": "faults.json",
+                     "MILTERMONKEY_FUZZ_REPORT": "fuzz.json"})

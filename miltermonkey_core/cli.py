@@ -124,7 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
     from miltermonkey_core.daemon import run  # late: pulls in pymilter
 
-    return int(run(config) or 0)
+    return int(run(config, supervise=False if args.no_supervisor else None) or 0)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -310,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(p)
     p.add_argument("--foreground", action="store_true",
                    help="accepted for familiarity; the milter always stays in the foreground")
+    p.add_argument("--no-supervisor", action="store_true",
+                   help="one process, no SIGHUP reload (for debugging); by default a small "
+                   "supervisor owns the signals and runs the milter as its child")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check-config", help="check a configuration and the brains it uses",

@@ -64,7 +64,7 @@ DAEMON_TABLE: Final = "miltermonkey"
 #: The array of tables listing the brains, in the order they run.
 BRAIN_TABLE: Final = "brain"
 #: What may happen to a message when a brain fails (see ``dispatch``).
-ON_ERROR_POLICIES: Final = ("tempfail", "accept", "tag", "reject")
+ON_ERROR_POLICIES: Final = ("tempfail", "accept", "tag", "reject", "mta")
 
 Coerce = Callable[[Any], Any]
 
@@ -447,6 +447,8 @@ class DaemonConfig:
                               "messages a worker thread handles before retiring (0: never)")
     on_error: str = _opt("tempfail", _choice(*ON_ERROR_POLICIES),
                          "what a brain failure does to the message (a [[brain]] may override)")
+    shutdown_timeout: float = _opt(30.0, _duration(0, whole=False),
+                                   "seconds messages in progress get to finish on SIGTERM")
     eom_timeout: float = _opt(240.0, _duration(0.001, whole=False),
                               "seconds all brains together may take at end of message")
     progress_interval: float = _opt(10.0, _duration(0, whole=False),
@@ -495,8 +497,9 @@ _DAEMON_FIELDS: Final = {f.name: f for f in attrs.fields(DaemonConfig)}
 # --------------------------------------------------------------------------------------
 
 #: Keys of a ``[[brain]]`` table that the framework reads; the rest are options.
-BRAIN_KEYS: Final = ("use", "name", "on_error", "timeout", "evaluation", "skip_if_key",
-                     "expiration")
+BRAIN_KEYS: Final = ("use", "name", "on_error", "on_timeout", "timeout", "evaluation",
+                     "skip_if_key", "expiration", "breaker_failures", "breaker_window",
+                     "breaker_cooldown")
 BRAIN_ALIASES: Final[Mapping[str, str]] = {"evaluation_mode": "evaluation"}
 _BRAIN_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -514,10 +517,17 @@ class BrainEntry:
     name: str
     #: None: the brain class's ``default_on_error``, else the daemon's ``on_error``.
     on_error: str | None = None
+    #: None: ``on_error``.
+    on_timeout: str | None = None
     timeout: float = 60.0
     evaluation: bool = False
     skip_if_key: bool = False
     expiration: int | None = None
+    #: Circuit breaker: this many failures within ``breaker_window`` seconds open it
+    #: for ``breaker_cooldown`` seconds (0 failures: no breaker).
+    breaker_failures: int = 5
+    breaker_window: float = 60.0
+    breaker_cooldown: float = 30.0
     options: dict[str, Any] = attrs.field(factory=dict)
     line: int | None = attrs.field(default=None, eq=False)
     option_lines: Mapping[str, int] = attrs.field(factory=dict, eq=False, repr=False)
@@ -841,10 +851,14 @@ _BRAIN_CHECKS: Final[Mapping[str, Coerce]] = {
     "use": _str(),
     "name": _str(),
     "on_error": _choice(*ON_ERROR_POLICIES),
+    "on_timeout": _choice(*ON_ERROR_POLICIES),
     "timeout": _duration(0.001, whole=False),
     "evaluation": _bool,
     "skip_if_key": _bool,
     "expiration": _optional(_duration(1)),
+    "breaker_failures": _int(0, 1_000_000),
+    "breaker_window": _duration(0.001, whole=False),
+    "breaker_cooldown": _duration(0, whole=False),
 }
 
 
@@ -893,6 +907,10 @@ def _build_brain(
         use=use,
         name=name,
         on_error=common.get("on_error"),
+        on_timeout=common.get("on_timeout"),
+        breaker_failures=common.get("breaker_failures", 5),
+        breaker_window=common.get("breaker_window", 60.0),
+        breaker_cooldown=common.get("breaker_cooldown", 30.0),
         timeout=common.get("timeout", 60.0),
         evaluation=common.get("evaluation", False),
         skip_if_key=common.get("skip_if_key", False),

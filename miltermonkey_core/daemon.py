@@ -1,13 +1,27 @@
-"""The daemon: socket, worker pool, idle-state sweeping, pid file and shutdown.
+"""The milter process: socket, worker pool, configuration generations, sweeping, draining.
 
-Threads: libmilter runs one thread per MTA connection for the protocol.  The
-brain chain at end of message runs on a separate pool of ``threads`` worker
-threads, which is the seed's cap on messages processed at once; a connection
-thread waits for its message's result and keeps the MTA patient with
-SMFIR_PROGRESS.  A worker retires after ``jobsperthread`` messages and a new
-one takes its place, so what brains keep per thread (``threading.local``
-engine connections, caches) is rebuilt regularly: the Python meaning of the
-seed's "sent home" threads.
+Threads: libmilter runs one thread per MTA connection for the protocol.  At
+end of message that thread walks the brain chain, handing each brain's
+``eom_process`` to a pool of ``threads`` worker threads (the seed's cap on
+how much judging happens at once) and waiting for it, with SMFIR_PROGRESS
+heartbeats every ``progress_interval`` seconds, for at most the brain's
+``timeout`` and the message's ``eom_timeout`` in total.  A brain that
+overruns cannot be killed (Python threads cannot be): its worker is written
+off as stuck, a fresh worker takes its place (up to 4 x ``threads`` stuck
+ones, so a hung engine cannot starve the pool nor grow it without bound)
+and the brain's policy applies; its circuit breaker soon stops calling it.
+A worker retires after ``jobsperthread`` jobs and a new one takes its
+place, so what brains keep per thread (``threading.local`` engine
+connections, caches) is rebuilt regularly: the Python meaning of the seed's
+"sent home" threads.
+
+Lifecycle: the process binds its socket, drops root (``user``/``group``),
+builds the brains and serves.  A reload builds a new *generation* (engine
+and negotiation plan) for new MTA connections while open ones finish on
+theirs.  A stop closes the listener at once (libmilter), lets messages in
+progress finish for up to ``shutdown_timeout`` seconds, removes the UNIX
+socket and exits.  :mod:`miltermonkey_core.supervisor` runs this process as
+its child and drives reloads and stops through a control socket.
 """
 
 from __future__ import annotations
@@ -30,43 +44,103 @@ from typing import Any
 import attrs
 import milter
 
-from miltermonkey_core.adapter import MilterAdapter, set_nodelay_on_listeners, wait_with_progress
-from miltermonkey_core.dispatch import policy_verdict
+from miltermonkey_core.adapter import (
+    Generation,
+    MilterAdapter,
+    set_nodelay_on_listeners,
+    wait_with_progress,
+)
+from miltermonkey_core.dispatch import BrainSlot, BrainTimeout, configure_slots
 from miltermonkey_core.engine import Decision, Engine, EngineSettings, Session
 from miltermonkey_core.errors import MonkeyError
 from miltermonkey_core.logs import ROOT, queue_id, setup_logging
 from miltermonkey_core.monkey import Monkey
 
+__all__ = [
+    "RESTART_ONLY",
+    "Daemon",
+    "Job",
+    "SessionRegistry",
+    "SocketSpec",
+    "WorkerPool",
+    "parse_connection",
+    "prepare_unix_socket",
+    "remove_pidfile",
+    "run",
+    "wait_with_progress",
+    "write_pidfile",
+]
+
 log = logging.getLogger(f"{ROOT}.daemon")
+
+#: Seconds to wait for messages in progress at shutdown when the config says nothing.
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+
+#: Daemon options a reload cannot change in a running process (they shape the
+#: socket, the process's identity or libmilter's global state): a reload keeps
+#: the old values, logs which ones differ, and they apply at the next restart.
+RESTART_ONLY = ("connection", "socket_mode", "socket_group", "user", "group", "pidfile",
+                "log_target", "debug_mode", "milter_timeout", "miltername", "threads",
+                "jobsperthread")
+
+
+def shutdown_timeout(daemon_config: Any) -> float:
+    return float(getattr(daemon_config, "shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT))
 
 
 # --- the end-of-message worker pool ----------------------------------------------------
 
+QUEUED, RUNNING, DONE, CANCELLED = "queued", "running", "done", "cancelled"
+
 
 class Job:
-    __slots__ = ("error", "event", "fn", "result")
+    """One call handed to the pool; the submitter waits on it or abandons it."""
+
+    __slots__ = ("abandoned", "error", "event", "fn", "lock", "replaced", "result", "started",
+                 "state")
 
     def __init__(self, fn: Callable[[], Any]) -> None:
         self.fn = fn
         self.event = threading.Event()
+        self.lock = threading.Lock()
         self.result: Any = None
         self.error: BaseException | None = None
+        self.state = QUEUED
+        self.started: float | None = None
+        self.abandoned = False
+        self.replaced = False
 
     def wait(self, timeout: float) -> bool:
         return self.event.wait(timeout)
 
+    @property
+    def done(self) -> bool:
+        return self.event.is_set()
+
 
 class WorkerPool:
-    """``size`` threads; each retires after ``jobs_per_thread`` jobs and is replaced."""
+    """``size`` threads; each retires after ``jobs_per_thread`` jobs (0: never) and is replaced.
 
-    def __init__(self, size: int, jobs_per_thread: int, name: str = "mm-worker") -> None:
+    :meth:`abandon` writes off a job whose submitter stopped waiting: a job
+    not started yet is cancelled; a running one keeps its thread until it
+    returns, while a fresh worker takes that thread's place, as long as no
+    more than ``max_stuck`` threads (default: 4 x size, at least 16) are
+    stuck at once.  Together with each brain's circuit breaker this keeps a
+    hung engine from starving the pool, without letting threads pile up.
+    """
+
+    def __init__(self, size: int, jobs_per_thread: int, name: str = "mm-worker",
+                 max_stuck: int | None = None) -> None:
         self.size = max(1, size)
-        self.jobs_per_thread = max(1, jobs_per_thread)
+        self.jobs_per_thread = max(0, jobs_per_thread)
+        self.max_stuck = max(16, 4 * self.size) if max_stuck is None else max(0, max_stuck)
         self.name = name
         self._q: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._serial = 0
         self.retired = 0
+        self.stuck = 0
+        self.abandoned_total = 0
         self.running = True
         self._threads: set[threading.Thread] = set()
         for _ in range(self.size):
@@ -74,11 +148,13 @@ class WorkerPool:
 
     def _spawn(self) -> None:
         with self._lock:
+            if not self.running:
+                return  # a worker retiring during shutdown() must not leave an orphan
             self._serial += 1
             t = threading.Thread(target=self._work, name=f"{self.name}-{self._serial}",
                                  daemon=True)
             self._threads.add(t)
-        t.start()
+            t.start()  # under the lock: shutdown() never sees an unstarted thread
 
     def _work(self) -> None:
         done = 0
@@ -87,14 +163,28 @@ class WorkerPool:
             job = self._q.get()
             if job is None:
                 break
+            with job.lock:
+                if job.state == CANCELLED:
+                    continue
+                job.state = RUNNING
+                job.started = time.monotonic()
             try:
                 job.result = job.fn()
             except BaseException as e:
                 job.error = e
             finally:
+                with job.lock:
+                    job.state = DONE
+                    abandoned, replaced = job.abandoned, job.replaced
                 job.event.set()
+                job.fn = _nothing  # drop what the call held (message, context)
+            if abandoned:
+                with self._lock:
+                    self.stuck -= 1
+                if replaced:
+                    break  # another worker took this one's place
             done += 1
-            if done >= self.jobs_per_thread and self.running:
+            if self.jobs_per_thread and done >= self.jobs_per_thread and self.running:
                 with self._lock:
                     self.retired += 1
                 self._spawn()
@@ -107,9 +197,31 @@ class WorkerPool:
         self._q.put(job)
         return job
 
+    def abandon(self, job: Job) -> bool:
+        """Stop waiting for ``job``.  False means it finished after all: use its result."""
+        with job.lock:
+            if job.state == DONE:
+                return False
+            if job.state == QUEUED:
+                job.state = CANCELLED
+                job.fn = _nothing
+                return True
+            job.abandoned = True
+            with self._lock:
+                self.stuck += 1
+                self.abandoned_total += 1
+                job.replaced = self.running and self.stuck <= self.max_stuck
+                stuck = self.stuck
+        if job.replaced:
+            self._spawn()
+        else:
+            log.warning("worker pool: %d threads stuck in brains that overran; no more "
+                        "replacements until some return", stuck)
+        return True
+
     def shutdown(self, timeout: float = 5.0) -> None:
-        self.running = False
         with self._lock:
+            self.running = False
             threads = list(self._threads)
         for _ in threads:
             self._q.put(None)
@@ -123,11 +235,15 @@ class WorkerPool:
             return len(self._threads)
 
 
+def _nothing() -> None:
+    return None
+
+
 # --- sessions and cid_timeout -------------------------------------------------------------
 
 
 class SessionRegistry:
-    """Live sessions, so per-message state idle longer than cid_timeout can be swept."""
+    """Live sessions: freed when idle past cid_timeout, counted when draining at shutdown."""
 
     def __init__(self, cid_timeout: float) -> None:
         self.cid_timeout = cid_timeout
@@ -147,6 +263,14 @@ class SessionRegistry:
         with self._lock:
             return len(self._sessions)
 
+    def snapshot(self) -> list[Session]:
+        with self._lock:
+            return list(self._sessions.values())
+
+    def in_flight(self) -> int:
+        """Sessions with a message in progress (between MAIL FROM and EOM or ABORT)."""
+        return sum(1 for s in self.snapshot() if s.in_message)
+
     def sweep(self, now: float | None = None) -> int:
         """Free sessions idle past cid_timeout; libmilter's own timeout closes the socket."""
         now = time.monotonic() if now is None else now
@@ -157,8 +281,8 @@ class SessionRegistry:
                 self._sessions.pop(id(s), None)
         for s in stale:
             with queue_id(s.qid):
-                log.warning("freeing state of session %s idle for %.0f s (cid_timeout %d)",
-                            s.connection.id, now - s.last_activity, self.cid_timeout)
+                log.warning("%s: freeing state of session %s idle for %.0f s (cid_timeout %g)",
+                            s.qid, s.connection.id, now - s.last_activity, self.cid_timeout)
             try:
                 s.close()
             except Exception:
@@ -181,29 +305,20 @@ class SocketSpec:
     def libmilter(self) -> str:
         if self.family == "unix":
             return f"unix:{self.path}"
-        return f"{self.family}:{self.port}@{self.host}"
+        return f"{self.family}:{self.port}" + (f"@{self.host}" if self.host else "")
 
 
 def parse_connection(spec: str) -> SocketSpec:
     """Parse libmilter (``inet:PORT@HOST``) or Postfix (``inet:HOST:PORT``) syntax."""
-    kind, _, rest = spec.partition(":")
-    kind = kind.lower()
-    if kind in ("unix", "local"):
-        return SocketSpec("unix", path=rest)
-    if kind not in ("inet", "inet6"):
-        raise MonkeyError(f"connection {spec!r}: use inet:PORT@HOST, inet6:PORT@HOST "
-                          "or unix:/path")
-    if "@" in rest:
-        port, _, host = rest.partition("@")
-    elif rest.count(":") == 1 and kind == "inet":
-        host, _, port = rest.partition(":")
-    else:
-        port, host = rest, ("127.0.0.1" if kind == "inet" else "::1")
+    from miltermonkey_core.config import parse_connection as parse
+
     try:
-        p = int(port)
-    except ValueError:
-        raise MonkeyError(f"connection {spec!r}: port {port!r} is not a number") from None
-    return SocketSpec(kind, host=host or "127.0.0.1", port=p)
+        ep = parse(spec)
+    except ValueError as e:
+        raise MonkeyError(f"connection {spec!r}: {e}") from None
+    if ep.family == "unix":
+        return SocketSpec("unix", path=ep.path or "")
+    return SocketSpec(ep.family, host=ep.host or "", port=ep.port or 0)
 
 
 def prepare_unix_socket(path: str) -> None:
@@ -219,7 +334,7 @@ def prepare_unix_socket(path: str) -> None:
         s.settimeout(1)
         s.connect(path)
     except OSError:
-        log.info("removing stale socket %s", path)
+        log.info("removing stale socket %s (nothing listens on it)", path)
         p.unlink()
     else:
         raise MonkeyError(f"another process is listening on {path}; stop it first")
@@ -237,6 +352,35 @@ def secure_unix_socket(path: str, mode: int, group: str | None) -> None:
             raise MonkeyError(f"socket_group {group!r} does not exist") from None
         os.chown(path, -1, gid)
     os.chmod(path, mode)
+
+
+def socket_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the socket file, to recognise it as ours later."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def remove_unix_socket(path: str, ident: tuple[int, int] | None) -> bool:
+    """Unlink ``path`` if it is still the socket we created (not a successor's)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    if not stat.S_ISSOCK(st.st_mode) or (ident is not None and (st.st_dev, st.st_ino) != ident):
+        return False
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return True
+    except OSError as e:
+        log.warning("cannot remove socket %s: %s", path, e)
+        return False
+    return True
 
 
 # --- pid file -------------------------------------------------------------------------------
@@ -269,83 +413,255 @@ def remove_pidfile(path: str | None) -> None:
             os.unlink(path)
 
 
+# --- building a configuration -----------------------------------------------------------------
+
+
+def build_engine(config: Any) -> Engine:
+    """The engine for ``config``: brains built, policies, timeouts and breakers set."""
+    from miltermonkey_core.plugins import build_chain
+
+    d = config.daemon
+    monkey = Monkey.from_config(d, config)
+    key = None
+    if d.milter_key:
+        from miltermonkey_core.milterkey import KeyService
+
+        key = KeyService.from_config(config)
+    chain = build_chain(config, monkey)
+    configure_slots(chain, config)
+    return Engine(chain, monkey,
+                  EngineSettings(spool_threshold=d.spool_threshold, tmpdir=d.tmpdir,
+                                 max_message_size=d.max_message_size),
+                  key=key)
+
+
+def preload(config: Any) -> None:
+    """Import everything building ``config`` needs, while every file is still readable.
+
+    After the switch to ``user`` the Python installation or a brain's
+    package may not be readable any more (an interpreter under /root, a
+    0750 site-packages); modules already imported need no file.
+    """
+    from miltermonkey_core import plugins, runner  # noqa: F401 - imported for later
+
+    plugins.installed_brains()
+    for entry in config.brains:
+        plugins.load_brain_class(entry.use)
+    if config.daemon.milter_key:
+        from miltermonkey_core import milterkey  # noqa: F401
+
+
+def _warm_up(config: Any) -> None:
+    build_engine(config).close()
+
+
+#: The signals libmilter takes for itself (SIGHUP and SIGTERM stop the listener,
+#: SIGINT aborts); see :func:`block_stop_signals`.
+STOP_SIGNALS = frozenset({signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
+
+
+def block_stop_signals() -> None:
+    """Block the signals libmilter waits for, before any thread exists.
+
+    libmilter blocks them in ``smfi_main`` and waits for them in a thread of
+    its own, but only threads created *after* that inherit the mask: a
+    worker thread started earlier would let SIGTERM through to its default
+    action, killing the process with no drain.  Blocked here, every thread
+    inherits the mask and libmilter's ``sigwait`` gets the signal.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def restart_only_changes(old: Any, new: Any) -> list[str]:
+    return [k for k in RESTART_ONLY if getattr(old, k, None) != getattr(new, k, None)]
+
+
 # --- the daemon -------------------------------------------------------------------------------
 
 
+Notify = Callable[[dict[str, Any]], None]
+
+
 class Daemon:
-    """Build everything from a config, then serve until stopped."""
+    """One milter process: bind, drop privileges, build the brains, serve, drain."""
 
-    def __init__(self, config: Any) -> None:
-        from miltermonkey_core.plugins import build_chain
-
+    def __init__(self, config: Any, *, notify: Notify | None = None,
+                 write_pid: bool = False) -> None:
+        block_stop_signals()
         self.config = config
         d = config.daemon
         self.socket = parse_connection(d.connection)
-        self.monkey = Monkey.from_config(d, config)
-        key = None
-        if d.milter_key:
-            from miltermonkey_core.milterkey import KeyService
-
-            key = KeyService.from_config(config)
-        chain = build_chain(config, self.monkey)
-        self.engine = Engine(
-            chain,
-            self.monkey,
-            EngineSettings(spool_threshold=d.spool_threshold, tmpdir=d.tmpdir,
-                           max_message_size=d.max_message_size),
-            key=key,
-        )
+        self.use_noreply = {"always": True, "never": False}.get(d.noreply,
+                                                                self.socket.family == "unix")
         self.pool = WorkerPool(d.threads, d.jobsperthread)
         self.registry = SessionRegistry(d.cid_timeout)
-        use_nr = {"always": True, "never": False}.get(d.noreply, self.socket.family == "unix")
-        self.adapter = MilterAdapter(self.engine, use_noreply=use_nr, run_eom=self.run_eom,
-                                     registry=self.registry)
+        self.adapter = MilterAdapter(run_eom=self.run_eom, registry=self.registry)
+        self.notify: Notify = notify or (lambda event: None)
+        self.write_pid = write_pid
+        self.socket_ident: tuple[int, int] | None = None
+        self.stop_deadline: float | None = None
         self._stop = threading.Event()
+        self._in_main = False
+        self._reload_lock = threading.Lock()
+
+    @property
+    def generation(self) -> Generation | None:
+        return self.adapter.generation
+
+    @property
+    def engine(self) -> Engine:
+        return self.adapter.engine
+
+    # --- configuration generations ------------------------------------------------------
+
+    def build_generation(self, config: Any) -> Generation:
+        return self.adapter.new_generation(config, build_engine(config), self.use_noreply)
+
+    def reload(self, config: Any) -> tuple[bool, str]:
+        """Build ``config`` and make it the one new connections get; the old keeps
+        serving its sessions.  A configuration that fails to build is refused."""
+        with self._reload_lock:
+            old = self.adapter.generation
+            if old is None:
+                return False, "not serving yet"
+            changed = restart_only_changes(old.config.daemon, config.daemon)
+            if changed:
+                keep = {k: getattr(old.config.daemon, k) for k in changed}
+                log.warning("reload: %s changed; kept as they are until a restart",
+                            ", ".join(changed))
+                config = attrs.evolve(config, daemon=attrs.evolve(config.daemon, **keep))
+            try:
+                gen = self.build_generation(config)
+            except Exception as e:
+                log.error("reload refused, configuration generation %d keeps running: %s",
+                          old.number, e, exc_info=not isinstance(e, MonkeyError))
+                return False, str(e)
+            self.config = config
+            d = config.daemon
+            self.registry.cid_timeout = d.cid_timeout
+            logging.getLogger(ROOT).setLevel(logging.DEBUG if d.debug_level >= 50
+                                             else logging.INFO)
+            self.adapter.activate(gen)
+            log.info("reloaded: configuration generation %d with brains: %s; %d open "
+                     "session(s) finish on generation %d", gen.number,
+                     ", ".join(gen.engine.chain.names) or "none", old.sessions, old.number)
+            return True, f"generation {gen.number}"
 
     # --- end of message on the pool ----------------------------------------------------
 
-    def run_eom(self, session: Session, allowed: frozenset[str], ctx: Any) -> Decision:
-        """Run the chain on a worker; keep the MTA waiting with progress; bound the time."""
-        d = self.config.daemon
-        current: list[str] = ["core"]
+    def run_eom(self, session: Session, allowed: frozenset[str], ctx: Any,
+                gen: Generation) -> Decision:
+        """Walk the chain: each brain on a worker, bounded in time, the MTA kept waiting."""
+        d = gen.daemon
+        start = time.monotonic()
+        deadline = start + float(d.eom_timeout)
+        interval = float(d.progress_interval)
+        last_progress = [start]
         qid = session.qid
 
-        def work() -> Decision:
-            with queue_id(qid):
-                return session.eom(allowed, on_brain=current.append)
+        def heartbeat() -> None:
+            now = time.monotonic()
+            if ctx is None or interval <= 0 or now - last_progress[0] < interval:
+                return
+            last_progress[0] = now
+            with contextlib.suppress(Exception):
+                ctx.progress()
 
-        job = self.pool.submit(work)
-        deadline = time.monotonic() + d.eom_timeout
-        if ctx is None:
-            finished = job.wait(d.eom_timeout)
-        else:
-            finished = wait_with_progress(job.wait, ctx, d.progress_interval, deadline)
-        if not finished:
-            brain = current[-1]
-            slot = next((s for s in self.engine.chain.slots if s.name == brain), None)
-            policy = slot.on_error if slot else d.on_error
-            log.error("%s: brain %s still running after eom_timeout %.0f s; policy %s",
-                      session.qid, brain, d.eom_timeout, policy)
-            from miltermonkey_core.context import MilterContext
+        def invoke(slot: BrainSlot, call: Callable[[], None], timeout: float) -> None:
+            def work() -> None:
+                with queue_id(qid):
+                    call()
 
-            v = policy_verdict(policy if policy in ("tempfail", "reject") else "tempfail",
-                               brain, "timeout")
-            return Decision(v, MilterContext(session.ensure_message(), allowed), [])
-        if job.error is not None:
-            log.error("%s: internal error at end of message: %r", session.qid, job.error)
-            v = policy_verdict("tempfail", "core", "internal error")
-            return Decision(v, MilterContext(session.ensure_message(), allowed), [])
-        result: Decision = job.result
-        return result
+            job = self.pool.submit(work)
+            reason = "eom"
+            while True:
+                now = time.monotonic()
+                limit, reason = deadline, "eom"
+                stop = self.stop_deadline
+                if stop is not None:
+                    margin = min(1.0, shutdown_timeout(d) / 4)
+                    if stop - margin < limit:
+                        limit, reason = stop - margin, "shutdown"
+                started = job.started
+                if started is not None and timeout > 0 and started + timeout < limit:
+                    limit, reason = started + timeout, "brain"
+                left = limit - now
+                if left <= 0:
+                    break
+                step = left
+                if ctx is not None and interval > 0:
+                    step = min(left, max(0.01, last_progress[0] + interval - now))
+                if job.wait(step):
+                    break
+                heartbeat()
+            if job.done or not self.pool.abandon(job):
+                _reraise(job)
+                return
+            started = job.started
+            if started is None:
+                why = ("the daemon is shutting down" if reason == "shutdown" else
+                       f"no worker was free for it within eom_timeout ({d.eom_timeout:g} s)")
+                raise BrainTimeout(why, counts=False)
+            ran = time.monotonic() - started
+            if reason == "shutdown":
+                why = f"the daemon is shutting down (ran {ran:.1f} s)"
+            elif reason == "brain":
+                why = f"still running after its timeout of {timeout:g} s"
+            else:
+                why = f"eom_timeout of {d.eom_timeout:g} s spent (ran {ran:.1f} s)"
+            raise BrainTimeout(why)
+
+        try:
+            return session.eom(allowed, invoke=invoke, deadline=deadline)
+        finally:
+            heartbeat()
 
     # --- lifecycle -----------------------------------------------------------------------
 
-    def _janitor(self) -> None:
-        interval = max(1.0, min(60.0, self.registry.cid_timeout / 4))
-        while not self._stop.wait(interval):
-            self.registry.sweep()
+    def request_stop(self, why: str = "asked to stop") -> None:
+        """Stop accepting connections now; messages in progress get shutdown_timeout."""
+        if self._stop.is_set():
+            return
+        gen = self.adapter.generation
+        timeout = shutdown_timeout(gen.daemon if gen else self.config.daemon)
+        self.stop_deadline = time.monotonic() + timeout
+        self._stop.set()
+        log.info("stopping (%s): no new connections; up to %g s for messages in progress",
+                 why, timeout)
+        if self._in_main:
+            # libmilter's listener holds its lock inside a 5 s select(); a
+            # connection of our own wakes it so the listener closes at once.
+            threading.Thread(target=self._poke_listener, name="mm-poke", daemon=True).start()
+            with contextlib.suppress(Exception):
+                milter.stop()
 
-    def serve(self) -> int:
+    def _poke_listener(self) -> None:
+        time.sleep(0.05)
+        sock = self.socket
+        try:
+            if sock.family == "unix":
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                target: Any = sock.path
+            else:
+                fam = socket.AF_INET6 if sock.family == "inet6" else socket.AF_INET
+                s = socket.socket(fam, socket.SOCK_STREAM)
+                host = sock.host or ("::1" if fam == socket.AF_INET6 else "127.0.0.1")
+                target = (host, sock.port)
+        except OSError:
+            return
+        with s, contextlib.suppress(OSError):
+            s.settimeout(1.0)
+            s.connect(target)
+
+    def _janitor(self) -> None:
+        while not self._stop.wait(max(1.0, min(60.0, self.registry.cid_timeout / 4))):
+            try:
+                self.registry.sweep()
+            except Exception:
+                log.exception("sweeping idle sessions failed")
+
+    def _open(self) -> None:
         d = self.config.daemon
         sock = self.socket
         self.adapter.install(d.miltername, sock.libmilter, d.milter_timeout)
@@ -362,39 +678,109 @@ class Daemon:
                 os.umask(old_umask)
         if sock.family == "unix":
             secure_unix_socket(sock.path, int(d.socket_mode, 8), d.socket_group)
+            self.socket_ident = socket_identity(sock.path)
         else:
             set_nodelay_on_listeners()
-        if d.pidfile:
-            write_pidfile(d.pidfile)
+
+    def _remove_socket(self) -> None:
+        if self.socket.family == "unix":
+            remove_unix_socket(self.socket.path, self.socket_ident)
+
+    def start(self) -> None:
+        """Bind, drop privileges, build the first generation.  Raises on any failure."""
+        from miltermonkey_core.privileges import check_writable, drop_privileges, resolve
+
+        d = self.config.daemon
+        resolve(d.user, d.group)  # an unknown user or group fails before anything is bound
+        self._open()
+        try:
+            if self.write_pid and d.pidfile:
+                write_pidfile(d.pidfile)
+            preload(self.config)
+            if (d.user or d.group) and os.geteuid() == 0:
+                # Build once as root and throw it away: whatever building the
+                # brains imports lazily (codecs, brain modules) is loaded while
+                # every file is still readable.
+                _warm_up(self.config)
+            drop_privileges(d.user, d.group)
+            if d.user and (warning := check_writable(d.tmpdir, "tmpdir")):
+                log.warning("%s", warning)
+            self.adapter.activate(self.build_generation(self.config))
+        except BaseException:
+            self._remove_socket()
+            if self.write_pid:
+                remove_pidfile(d.pidfile)
+            raise
+
+    def serve(self) -> int:
+        """Serve until stopped (SIGTERM to this process, or :meth:`request_stop`), then drain."""
+        d = self.config.daemon
+        if self.adapter.generation is None:
+            self.start()
         janitor = threading.Thread(target=self._janitor, name="mm-janitor", daemon=True)
         janitor.start()
-        log.info("%s listening on %s with brains: %s (threads=%d, jobsperthread=%d)",
-                 d.miltername, sock.libmilter, ", ".join(self.engine.chain.names) or "none",
-                 d.threads, d.jobsperthread)
+        gen = self.adapter.generation
+        assert gen is not None
+        log.info("%s listening on %s with brains: %s (threads=%d, jobsperthread=%d, pid %d)",
+                 d.miltername, self.socket.libmilter, ", ".join(gen.engine.chain.names) or "none",
+                 d.threads, d.jobsperthread, os.getpid())
+        self.notify({"event": "ready", "pid": os.getpid(), "socket": self.socket_ident,
+                     "generation": gen.number})
         try:
-            milter.main()
+            if not self._stop.is_set():
+                self._in_main = True
+                milter.main()
         finally:
+            self._in_main = False
+            self.request_stop("listener closed")
+            self._remove_socket()
+            abandoned = self._drain()
             self._stop.set()
-            self.pool.shutdown()
-            self.engine.chain.close()
-            remove_pidfile(d.pidfile)
-            if sock.family == "unix":
-                with contextlib.suppress(OSError):
-                    os.unlink(sock.path)
-            log.info("%s stopped", d.miltername)
+            self.pool.shutdown(0.5)
+            if self.write_pid:
+                remove_pidfile(d.pidfile)
+            log.info("%s stopped%s", d.miltername,
+                     f"; {abandoned} message(s) still in progress were dropped (the MTA "
+                     "applies its default action)" if abandoned else "")
+            self.notify({"event": "stopped", "abandoned": abandoned})
         return 0
 
+    def _drain(self) -> int:
+        """Wait for messages in progress, up to the stop deadline; return how many were left."""
+        deadline = self.stop_deadline or time.monotonic()
+        last_log = 0.0
+        while True:
+            n = self.registry.in_flight()
+            now = time.monotonic()
+            if n == 0 or now >= deadline:
+                return n
+            if now - last_log >= 5:
+                last_log = now
+                log.info("waiting for %d message(s) in progress (%.0f s left)", n, deadline - now)
+            time.sleep(0.05)
 
-def run(config: Any) -> int:
-    """Start the monkey with ``config`` and serve until SIGTERM/SIGINT (libmilter's)."""
+
+def _reraise(job: Job) -> None:
+    err = job.error
+    if err is None:
+        return
+    if isinstance(err, Exception):
+        raise err
+    raise RuntimeError(f"brain raised {type(err).__name__}: {err}") from err
+
+
+# --- entry points -----------------------------------------------------------------------------
+
+
+def serve_single(config: Any) -> int:
+    """One process, no supervisor (``run --no-supervisor``): SIGHUP stops it, as
+    libmilter handles that signal itself; there is no reload in this mode."""
     d = config.daemon
     setup_logging(target=d.log_target, debug_level=d.debug_level, debug_mode=d.debug_mode,
                   name=d.miltername)
     try:
-        daemon = Daemon(config)
-        # libmilter handles SIGTERM/SIGINT/SIGHUP in its own thread; Python must not.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
+        daemon = Daemon(config, write_pid=True)
+        daemon.start()
         return daemon.serve()
     except MonkeyError as e:
         log.error("%s", e)
@@ -405,3 +791,19 @@ def run(config: Any) -> int:
             print(f"miltermonkey: {d.connection}: address in use", file=sys.stderr)
             return 1
         raise
+
+
+def run(config: Any, supervise: bool | None = None) -> int:
+    """Start the monkey with ``config`` and serve until SIGTERM/SIGINT.
+
+    By default a small supervisor process owns the signals (SIGHUP reloads)
+    and runs the milter as its child; ``supervise=False`` (or the
+    environment variable ``MILTERMONKEY_NO_SUPERVISOR=1``) runs one process.
+    """
+    if supervise is None:
+        supervise = os.environ.get("MILTERMONKEY_NO_SUPERVISOR", "") not in ("1", "yes", "true")
+    if not supervise:
+        return serve_single(config)
+    from miltermonkey_core.supervisor import supervise as run_supervisor
+
+    return run_supervisor(config)

@@ -10,11 +10,30 @@ the failure into that brain's policy:
 ``reject``    answer 5xx.
 ``accept``    carry on as if the brain had not been configured.
 ``tag``       carry on, and mark the message with ``X-MilterMonkey-Unchecked``.
+``mta``       give up on the milter protocol for this connection, so the MTA
+              applies its own ``milter_default_action`` (Postfix) or ``F=``
+              flags (Sendmail): the admin of the MTA decides.
+
+At end of message each brain's ``eom_process`` is handed to an *invoker*.
+Offline (``miltermonkey try``) it is a plain call; in the daemon it runs on
+the worker pool and the chain stops waiting after the brain's ``timeout``
+(or when the message's total ``eom_timeout`` is spent).  A Python thread
+cannot be killed, so a brain that overran keeps running to completion on its
+thread, but what it writes afterwards is refused (:class:`GuardedContext`)
+and its result is thrown away; the brain's ``on_timeout`` policy applies.
+
+Each brain has a circuit breaker: after ``breaker_failures`` errors or
+timeouts within ``breaker_window`` seconds it opens, and for
+``breaker_cooldown`` seconds the brain is not called at all: its policy
+applies at once instead of every message waiting on a dead engine.  Then one
+message probes the brain; success closes the breaker, failure opens it again.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -28,12 +47,28 @@ from miltermonkey_core.context import Capability, MilterContext
 from miltermonkey_core.logs import ROOT
 from miltermonkey_core.model import Message
 from miltermonkey_core.monkey import Monkey
-from miltermonkey_core.verdict import Action, Verdict
+from miltermonkey_core.verdict import Action, Reply, Verdict
 
 log = logging.getLogger(f"{ROOT}.dispatch")
 
-POLICIES = ("tempfail", "reject", "accept", "tag")
+POLICIES = ("tempfail", "reject", "accept", "tag", "mta")
 UNCHECKED_HEADER = "X-MilterMonkey-Unchecked"
+
+#: Circuit breaker defaults (per brain): failures within window open it for cooldown.
+DEFAULT_BREAKER_FAILURES = 5
+DEFAULT_BREAKER_WINDOW = 60.0
+DEFAULT_BREAKER_COOLDOWN = 30.0
+
+
+@attrs.frozen
+class MtaDecides(Verdict):
+    """A failure left to the MTA's own default action (policy ``mta``).
+
+    The adapter answers it by dropping the milter connection without a
+    reply, which is what makes Postfix apply ``milter_default_action`` and
+    Sendmail its ``F=`` flags.  Everywhere else (offline runs, logs) it reads
+    as the tempfail that both MTAs use by default.
+    """
 
 
 def policy_verdict(policy: str, brain: str, why: str) -> Verdict | None:
@@ -44,6 +79,11 @@ def policy_verdict(policy: str, brain: str, why: str) -> Verdict | None:
     if policy == "reject":
         return Verdict.reject(554, "5.7.1", "Message could not be checked",
                               reason=f"{brain}: {why}").by(brain)
+    if policy == "mta":
+        return MtaDecides(Action.TEMPFAIL,
+                          Reply.build(451, "4.3.0", "Mail filter failed, MTA default action"),
+                          reason=f"{brain}: {why}; the MTA's default action decides",
+                          brain=brain)
     return None
 
 
@@ -52,10 +92,113 @@ class BrainResult:
     """What one brain did with one message, for logs and the milter key."""
 
     brain: str
-    outcome: str  # ran | error | timeout | skipped | evaluation
+    outcome: str  # ran | error | timeout | open | skipped | evaluation
     action: Action = Action.CONTINUE
     seconds: float = 0.0
     detail: str = ""
+
+
+# --- circuit breaker ---------------------------------------------------------------------
+
+
+class CircuitBreaker:
+    """Counts a brain's failures; open means "do not call it, apply the policy now".
+
+    ``failures = 0`` disables it.  Thread-safe: all messages of the daemon
+    share one breaker per configured brain.
+    """
+
+    def __init__(
+        self,
+        failures: int = 0,
+        window: float = DEFAULT_BREAKER_WINDOW,
+        cooldown: float = DEFAULT_BREAKER_COOLDOWN,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.failures = max(0, failures)
+        self.window = window
+        self.cooldown = cooldown
+        self.clock = clock
+        self.last_kind = "error"
+        self.opened = 0  # how many times it opened, for logs and tests
+        self._times: collections.deque[float] = collections.deque()
+        self._opened_at: float | None = None
+        self._probing = False
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.failures > 0
+
+    @property
+    def state(self) -> str:
+        with self._lock:
+            if self._opened_at is None:
+                return "closed"
+            if self.clock() - self._opened_at < self.cooldown:
+                return "open"
+            return "half-open"
+
+    def allow(self) -> bool:
+        """May the brain be called?  In half-open state only one caller probes."""
+        if not self.enabled:
+            return True
+        with self._lock:
+            if self._opened_at is None:
+                return True
+            if self.clock() - self._opened_at < self.cooldown or self._probing:
+                return False
+            self._probing = True
+            return True
+
+    def success(self) -> bool:
+        """Record a good call; returns True when this closed an open breaker.
+
+        Successes do not erase failures while closed: N failures within the
+        window open it even if good calls came in between (a half-dead
+        engine is still mostly dead for the mail that meets it).
+        """
+        if not self.enabled:
+            return False
+        with self._lock:
+            if self._opened_at is None:
+                return False
+            self._times.clear()
+            self._opened_at = None
+            self._probing = False
+            return True
+
+    def failure(self, kind: str) -> bool:
+        """Record an error or timeout; returns True when this opened the breaker."""
+        if not self.enabled:
+            return False
+        now = self.clock()
+        with self._lock:
+            self.last_kind = kind
+            if self._opened_at is not None:
+                if self._probing:  # the probe failed: another cool-down
+                    self._probing = False
+                    self._opened_at = now
+                    self.opened += 1
+                    return True
+                return False
+            self._times.append(now)
+            while self._times and now - self._times[0] > self.window:
+                self._times.popleft()
+            if len(self._times) >= self.failures:
+                self._times.clear()
+                self._opened_at = now
+                self.opened += 1
+                return True
+            return False
+
+    def abort_probe(self) -> None:
+        """A probe that never ran (no time left): let another message probe."""
+        with self._lock:
+            self._probing = False
+
+
+# --- brains and the chain ----------------------------------------------------------------
 
 
 @attrs.define
@@ -72,6 +215,13 @@ class BrainSlot:
     skip_if_key: bool = False
     expiration: int | None = None
     impls: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = attrs.field(factory=dict)
+    #: Policy when ``eom_process`` overruns ``timeout``; None: ``on_error``.
+    on_timeout: str | None = None
+    breaker: CircuitBreaker = attrs.field(factory=CircuitBreaker)
+
+    @property
+    def timeout_policy(self) -> str:
+        return self.on_timeout or self.on_error
 
     def implements(self, hook: str) -> bool:
         return hook in self.impls
@@ -88,12 +238,87 @@ class EomOutcome:
     tagged: list[str] = attrs.field(factory=list)
 
 
+class BrainTimeout(Exception):
+    """Raised by an invoker when it stopped waiting for a brain.
+
+    ``counts`` is False when the brain itself was not to blame (it never got
+    a worker before the message's time ran out), so the breaker ignores it.
+    """
+
+    def __init__(self, why: str, counts: bool = True) -> None:
+        super().__init__(why)
+        self.why = why
+        self.counts = counts
+
+
+class BrainAbandoned(RuntimeError):
+    """A brain wrote to its context after the chain stopped waiting for it."""
+
+
+#: Runs one brain's ``eom_process`` (``call``) with a time limit in seconds (0: none).
+Invoker = Callable[[BrainSlot, Callable[[], None], float], None]
+
+
+def direct_invoke(slot: BrainSlot, call: Callable[[], None], timeout: float) -> None:
+    """The offline invoker: call the brain here and now, no time limit."""
+    call()
+
+
+class GuardedContext:
+    """The context as one brain call sees it, until the chain stops waiting for it.
+
+    Every method call goes to the message's :class:`MilterContext` under the
+    chain's lock; once :meth:`revoke` ran (the brain returned, raised or
+    timed out) any further use raises :class:`BrainAbandoned`, so a brain
+    still running on an abandoned thread cannot edit a message that moved on.
+    """
+
+    __slots__ = ("_brain", "_ctx", "_live", "_lock")
+
+    def __init__(self, ctx: MilterContext, brain: str, lock: threading.RLock) -> None:
+        object.__setattr__(self, "_ctx", ctx)
+        object.__setattr__(self, "_brain", brain)
+        object.__setattr__(self, "_lock", lock)
+        object.__setattr__(self, "_live", True)
+
+    def revoke(self) -> None:
+        with self._lock:
+            object.__setattr__(self, "_live", False)
+
+    def _refuse(self, name: str) -> BrainAbandoned:
+        return BrainAbandoned(f"brain {self._brain!r} used ctx.{name} after the chain stopped "
+                              "waiting for it (timeout); the call is refused")
+
+    def __getattr__(self, name: str) -> Any:
+        if not self._live:
+            raise self._refuse(name)
+        value = getattr(self._ctx, name)
+        if not callable(value):
+            return value
+        lock = self._lock
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            with lock:
+                if not self._live:
+                    raise self._refuse(name)
+                return value(*args, **kwargs)
+
+        return guarded
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"the milter context has no settable attribute {name!r}")
+
+    def __repr__(self) -> str:
+        return f"<GuardedContext of {self._brain} {'live' if self._live else 'revoked'}>"
+
+
 class Chain:
     """The configured brains, in order, with the pluggy manager that validated them."""
 
     def __init__(self, slots: Sequence[BrainSlot], pm: pluggy.PluginManager | None = None) -> None:
         self.slots = list(slots)
         self.pm = pm
+        self.closed = False
         for slot in self.slots:
             if not slot.impls:
                 slot.impls = _impls_of(pm, slot) if pm else _direct_impls(slot.brain)
@@ -135,8 +360,13 @@ class Chain:
             try:
                 v = slot.call(hook, monkey=slot.monkey, **kwargs)
             except Exception as e:
-                log.exception("%s: brain %s raised in %s: %s", qid, slot.name, hook, e)
                 skipped.add(slot.name)
+                if slot.evaluation:
+                    log.exception("%s: brain %s (evaluation) raised in %s: %s; ignored",
+                                  qid, slot.name, hook, e)
+                    continue
+                log.exception("%s: brain %s raised in %s: %s; policy %s", qid, slot.name, hook,
+                              e, slot.on_error)
                 verdict = policy_verdict(slot.on_error, slot.name, f"error in {hook}")
                 if verdict is not None:
                     return verdict
@@ -174,62 +404,163 @@ class Chain:
         message: Message,
         ctx: MilterContext,
         skipped: Iterable[str] = (),
-        on_brain: Callable[[str], None] | None = None,
+        invoke: Invoker | None = None,
+        deadline: float | None = None,
     ) -> EomOutcome:
-        """Run ``eom_process`` brain by brain until one gives a final verdict."""
+        """Run ``eom_process`` brain by brain until one gives a final verdict.
+
+        ``invoke`` runs each brain call (default: directly); ``deadline`` is
+        the monotonic time by which the whole chain must be done: brains
+        left when it passed get their timeout policy without being called.
+        """
+        run = invoke or direct_invoke
         skip = set(skipped)
         results: list[BrainResult] = []
         tagged: list[str] = []
         qid = message.id
+        lock = threading.RLock()
         for slot in self.slots:
             if slot.name in skip:
                 results.append(BrainResult(slot.name, "skipped"))
                 continue
             if not slot.implements("eom_process"):
                 continue
-            if on_brain is not None:
-                on_brain(slot.name)
             t0 = time.perf_counter()
-            ctx.begin(slot.name)
-            try:
-                slot.call("eom_process", message=message, ctx=ctx, monkey=slot.monkey)
-            except Exception as e:
-                ctx.rollback()
-                ctx.end()
-                dt = time.perf_counter() - t0
-                log.exception("%s: brain %s failed in eom_process: %s: %s; policy %s",
-                              qid, slot.name, type(e).__name__, e, slot.on_error)
-                results.append(BrainResult(slot.name, "error", seconds=dt,
-                                           detail=f"{type(e).__name__}: {e}"))
-                verdict = policy_verdict(slot.on_error, slot.name, type(e).__name__)
-                if verdict is not None:
-                    return EomOutcome(verdict, results, tagged)
-                if slot.on_error == "tag":
-                    tagged.append(slot.name)
-                continue
+            if deadline is not None and time.monotonic() >= deadline:
+                kind, why = "timeout", "no time left for it within eom_timeout"
+            elif not slot.breaker.allow():
+                kind = "open"
+                why = (f"circuit breaker open after {slot.breaker.failures} failures within "
+                       f"{slot.breaker.window:g} s; not called for {slot.breaker.cooldown:g} s")
+            else:
+                kind, why = self._call_eom(slot, message, ctx, lock, run, qid)
+                if kind == "ok":
+                    dt = time.perf_counter() - t0
+                    verdict = ctx.verdict if ctx.verdict and ctx.verdict.brain == slot.name \
+                        else None
+                    if slot.evaluation:
+                        undone = ctx.rollback()
+                        ctx.end()
+                        log.info("%s: brain %s (evaluation) would %s with %d edit(s)", qid,
+                                 slot.name, verdict.describe() if verdict else "continue",
+                                 len(undone))
+                        results.append(BrainResult(
+                            slot.name, "evaluation",
+                            verdict.action if verdict else Action.CONTINUE, dt))
+                        continue
+                    ctx.end()
+                    results.append(BrainResult(slot.name, "ran",
+                                               verdict.action if verdict else Action.CONTINUE,
+                                               dt))
+                    if verdict is not None and verdict.final:
+                        return EomOutcome(verdict, results, tagged)
+                    continue
             dt = time.perf_counter() - t0
-            verdict = ctx.verdict if ctx.verdict and ctx.verdict.brain == slot.name else None
+            results.append(BrainResult(slot.name, kind, seconds=dt, detail=why))
+            if kind == "timeout":
+                policy = slot.timeout_policy
+            elif kind == "open":
+                policy = slot.timeout_policy if slot.breaker.last_kind == "timeout" \
+                    else slot.on_error
+            else:
+                policy = slot.on_error
             if slot.evaluation:
-                undone = ctx.rollback()
-                ctx.end()
-                log.info("%s: brain %s (evaluation) would %s with %d edit(s)", qid, slot.name,
-                         verdict.describe() if verdict else "continue", len(undone))
-                results.append(BrainResult(slot.name, "evaluation",
-                                           verdict.action if verdict else Action.CONTINUE, dt))
+                log.warning("%s: brain %s (evaluation) %s: %s; ignored", qid, slot.name,
+                            "failed" if kind == "error" else kind, why)
                 continue
-            ctx.end()
-            results.append(BrainResult(slot.name, "ran",
-                                       verdict.action if verdict else Action.CONTINUE, dt))
-            if verdict is not None and verdict.final:
+            if kind == "timeout":
+                log.error("%s: brain %s timed out in eom_process (%s); policy %s", qid,
+                          slot.name, why, policy)
+            elif kind == "open":
+                log.warning("%s: brain %s skipped: %s; policy %s", qid, slot.name, why, policy)
+            verdict = policy_verdict(policy, slot.name, why)
+            if verdict is not None:
                 return EomOutcome(verdict, results, tagged)
+            if policy == "tag":
+                tagged.append(slot.name)
         return EomOutcome(None, results, tagged)
 
+    def _call_eom(
+        self,
+        slot: BrainSlot,
+        message: Message,
+        ctx: MilterContext,
+        lock: threading.RLock,
+        run: Invoker,
+        qid: str,
+    ) -> tuple[str, str]:
+        """One guarded ``eom_process`` call: ("ok", "") or (error|timeout, why)."""
+        ctx.begin(slot.name)
+        guard = GuardedContext(ctx, slot.name, lock)
+
+        def call() -> None:
+            slot.call("eom_process", message=message, ctx=guard, monkey=slot.monkey)
+
+        breaker = slot.breaker
+        try:
+            run(slot, call, slot.timeout or 0.0)
+        except BrainTimeout as e:
+            with lock:
+                guard.revoke()
+                ctx.rollback()
+                ctx.end()
+            if e.counts:
+                if breaker.failure("timeout"):
+                    _log_opened(slot, qid)
+            else:
+                breaker.abort_probe()
+            return "timeout", e.why
+        except Exception as e:
+            with lock:
+                guard.revoke()
+                ctx.rollback()
+                ctx.end()
+            if not slot.evaluation:
+                log.exception("%s: brain %s failed in eom_process: %s: %s; policy %s",
+                              qid, slot.name, type(e).__name__, e, slot.on_error)
+            if breaker.failure("error"):
+                _log_opened(slot, qid)
+            return "error", f"{type(e).__name__}: {e}"
+        guard.revoke()
+        if breaker.success():
+            log.warning("%s: brain %s answered again: circuit breaker closed", qid, slot.name)
+        return "ok", ""
+
     def close(self) -> None:
+        """Release every brain's resources (shutdown, or the last session of a reload)."""
+        if self.closed:
+            return
+        self.closed = True
         for slot in self.slots:
             try:
                 slot.brain.close_brain()
             except Exception:
                 log.exception("brain %s failed to close", slot.name)
+
+
+def _log_opened(slot: BrainSlot, qid: str) -> None:
+    b = slot.breaker
+    log.error("%s: brain %s: circuit breaker OPEN (%d failures within %g s, last a %s): "
+              "for %g s its policy applies at once without calling it", qid, slot.name,
+              b.failures, b.window, b.last_kind, b.cooldown)
+
+
+def configure_slots(chain: Chain, config: Any) -> None:
+    """Set each slot's timeout policy and circuit breaker from its ``[[brain]]`` table.
+
+    Options not (yet) in the configuration take the documented defaults.
+    """
+    entries = {e.name: e for e in getattr(config, "brains", ())}
+    for slot in chain.slots:
+        entry = entries.get(slot.name)
+        if entry is None:
+            continue
+        on_timeout = getattr(entry, "on_timeout", None)
+        slot.on_timeout = on_timeout or None
+        failures = getattr(entry, "breaker_failures", DEFAULT_BREAKER_FAILURES)
+        window = getattr(entry, "breaker_window", DEFAULT_BREAKER_WINDOW)
+        cooldown = getattr(entry, "breaker_cooldown", DEFAULT_BREAKER_COOLDOWN)
+        slot.breaker = CircuitBreaker(int(failures), float(window), float(cooldown))
 
 
 def _impls_of(

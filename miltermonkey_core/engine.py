@@ -12,16 +12,15 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
 
 from miltermonkey_core.brain import Needs
 from miltermonkey_core.context import Capability, MilterContext
-from miltermonkey_core.dispatch import UNCHECKED_HEADER, BrainResult, Chain
+from miltermonkey_core.dispatch import UNCHECKED_HEADER, BrainResult, Chain, Invoker
 from miltermonkey_core.logs import ROOT
-from miltermonkey_core.model import Address, Body, Connection, Header, Message
+from miltermonkey_core.model import Address, Body, Connection, Header, Headers, Message
 from miltermonkey_core.monkey import Monkey
 from miltermonkey_core.verdict import Action, Verdict
 
@@ -94,6 +93,10 @@ class Engine:
         conn = connection or Connection(id=f"S{next(_ids)}")
         return Session(self, conn)
 
+    def close(self) -> None:
+        """Release the brains' resources (idempotent)."""
+        self.chain.close()
+
 
 class Session:
     """One SMTP session: what the brains said so far and the message in progress."""
@@ -108,6 +111,10 @@ class Session:
         self.lock = threading.Lock()
         self.closed = False
         self._oversize = False
+        #: Headers received so far, appended in O(1); ``message.headers`` is
+        #: rebuilt from it only when someone is about to read it.
+        self._headers: list[Header] = []
+        self._headers_synced = True
 
     @property
     def qid(self) -> str:
@@ -141,6 +148,8 @@ class Session:
                                body=Body(threshold=s.spool_threshold, tmpdir=s.tmpdir))
         self.message_skips = set(self.session_skips)
         self._oversize = False
+        self._headers = []
+        self._headers_synced = True
         return self.message
 
     def ensure_message(self) -> Message:
@@ -188,24 +197,32 @@ class Session:
         self.ensure_message()
         return None
 
-    def header(self, name: str, raw: bytes) -> Verdict | None:
+    def _sync_headers(self, msg: Message) -> Message:
+        if not self._headers_synced:
+            msg.headers = Headers(self._headers)
+            self._headers_synced = True
+        return msg
+
+    def header(self, name: str | bytes, raw: bytes) -> Verdict | None:
         self.touch()
         msg = self.ensure_message()
         h = Header.from_bytes(name, raw)
-        msg.headers = type(msg.headers)((*msg.headers, h))
+        self._headers.append(h)
+        self._headers_synced = False
         if not self.engine.chain.implemented("header"):
             return None
+        # a header hook may read message.headers: it sees every header so far
         return self.engine.chain.call_stage("header", self.message_skips, self.qid,
-                                            message=msg, header=h)
+                                            message=self._sync_headers(msg), header=h)
 
     def eoh(self) -> Verdict | None:
         self.touch()
-        msg = self.ensure_message()
+        msg = self._sync_headers(self.ensure_message())
         return self.engine.chain.call_stage("eoh", self.message_skips, self.qid, message=msg)
 
     def body(self, chunk: bytes) -> Verdict | None:
         self.touch()
-        msg = self.ensure_message()
+        msg = self._sync_headers(self.ensure_message())
         limit = self.engine.settings.max_message_size
         if limit and msg.body.size + len(chunk) > limit:
             self._oversize = True
@@ -221,12 +238,17 @@ class Session:
     def eom(
         self,
         allowed: frozenset[str] = Capability.ALL,
-        on_brain: Callable[[str], None] | None = None,
+        invoke: Invoker | None = None,
+        deadline: float | None = None,
     ) -> Decision:
-        """Run the chain and the core's duties; nothing is sent from here."""
+        """Run the chain and the core's duties; nothing is sent from here.
+
+        ``invoke`` and ``deadline`` bound each brain and the whole chain in
+        time (see :meth:`~miltermonkey_core.dispatch.Chain.run_eom`).
+        """
         self.touch()
         t0 = time.perf_counter()
-        msg = self.ensure_message()
+        msg = self._sync_headers(self.ensure_message())
         ctx = MilterContext(msg, allowed)
         if self._oversize:
             limit = self.engine.settings.max_message_size
@@ -243,7 +265,7 @@ class Session:
             if spared:
                 log.info("%s: trusted milter key: skipping %s", msg.id, ", ".join(sorted(spared)))
             skips |= spared
-        outcome = self.engine.chain.run_eom(msg, ctx, skips, on_brain)
+        outcome = self.engine.chain.run_eom(msg, ctx, skips, invoke=invoke, deadline=deadline)
         if outcome.tagged and outcome.verdict is None:
             ctx.begin("core")
             ctx.add_header(UNCHECKED_HEADER, ", ".join(outcome.tagged))
@@ -260,18 +282,33 @@ class Session:
             self.message.close()
         self.message = None
         self.message_skips = set(self.session_skips)
+        self._headers = []
+        self._headers_synced = True
+
+    @property
+    def in_message(self) -> bool:
+        """True between the start of a message and its end (EOM or ABORT)."""
+        return self.message is not None
 
     def abort(self) -> None:
+        """SMFIC_ABORT: the message ends without EOM; a second ABORT is a no-op."""
         self.touch()
         if self.message is not None:
-            self.engine.chain.notify("abort", self.qid, message=self.message)
+            self.engine.chain.notify("abort", self.qid,
+                                     message=self._sync_headers(self.message))
         self.reset_message()
+
+    def reopen(self) -> None:
+        """The MTA spoke again on a session freed by cid_timeout: start it afresh."""
+        self.closed = False
+        self.touch()
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         if self.message is not None:
-            self.engine.chain.notify("abort", self.qid, message=self.message)
+            self.engine.chain.notify("abort", self.qid,
+                                     message=self._sync_headers(self.message))
         self.reset_message()
         self.engine.chain.notify("close", self.connection.id, connection=self.connection)

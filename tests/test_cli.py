@@ -168,6 +168,7 @@ def test_show_config_default(env: dict[str, str]) -> None:
     assert data["brain"] == [{
         "use": "trivial", "name": "trivial", "on_error": "tempfail", "timeout": 60.0,
         "evaluation": False, "skip_if_key": False,
+        "breaker_failures": 5, "breaker_window": 60.0, "breaker_cooldown": 30.0,
         "header_name": "X-MilterMonkey", "header_value": "{brain} on {host}",
     }]
 

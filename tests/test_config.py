@@ -412,9 +412,9 @@ def test_brain_common_keys(tmp_path: Path) -> None:
 
 
 def test_unset_on_error_falls_back_to_brain_default_then_daemon(tmp_path: Path) -> None:
+    from miltermonkey_core.brains.trivial import TrivialBrain
     from miltermonkey_core.monkey import Monkey
     from miltermonkey_core.plugins import build_chain
-    from miltermonkey_core.brains.trivial import TrivialBrain
 
     path = write(tmp_path, """
         [miltermonkey]

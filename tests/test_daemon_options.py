@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import ClassVar
 
 from miltermonkey_core import Brain, Connection, Message, Monkey, hookimpl
 from miltermonkey_core.daemon import SessionRegistry, WorkerPool
@@ -35,16 +37,22 @@ def test_threads_caps_concurrent_jobs() -> None:
     pool.shutdown()
 
 
+def _until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.01)
+
+
 def test_jobsperthread_retires_and_replaces_workers() -> None:
     pool = WorkerPool(size=2, jobs_per_thread=3)
     names: list[str] = []
     jobs = [pool.submit(lambda: names.append(threading.current_thread().name))
             for _ in range(12)]
     assert all(j.wait(5) for j in jobs)
-    time.sleep(0.1)
-    # 12 jobs, 3 per worker: at least 4 workers served and retired; 2 still alive
-    assert pool.retired >= 3
-    assert len(set(names)) >= 4
+    # 12 jobs, 3 per worker: exactly 4 workers served and retired; 2 replacements alive
+    _until(lambda: pool.retired == 4 and pool.alive == 2)
+    assert pool.retired == 4
+    assert len(set(names)) == 4
     assert pool.alive == 2
     # thread-local state does not survive a retirement
     local = threading.local()
@@ -75,8 +83,8 @@ def test_job_errors_are_returned_not_lost() -> None:
 
 
 class Closer(Brain):
-    closed: list[str] = []
-    aborted: list[str] = []
+    closed: ClassVar[list[str]] = []
+    aborted: ClassVar[list[str]] = []
 
     @hookimpl
     def abort(self, message: Message, monkey: Monkey) -> None:

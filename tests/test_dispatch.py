@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import ClassVar
 
 import pytest
 
@@ -147,7 +148,7 @@ def test_needs_union_follows_hooks() -> None:
 
 
 class Notifier(Brain):
-    sent: list[str] = []
+    sent: ClassVar[list[str]] = []
 
     @hookimpl
     def eom_process(self, message: Message, ctx: MilterContext, monkey: Monkey) -> None:

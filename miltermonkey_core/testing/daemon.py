@@ -121,11 +121,17 @@ class MonkeyProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"miltermonkey exited {self.proc.returncode}:\n"
                                    f"{self.output()}")
-            if self._listening():
+            if self._listening() and self._ready():
                 return self
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"miltermonkey did not listen within {timeout} s:\n{self.output()}")
+
+    def _ready(self) -> bool:
+        """The socket can listen before the worker has built its brains."""
+        if self.env.get("MILTERMONKEY_NO_SUPERVISOR") == "1":
+            return True
+        return "is serving" in self.log()
 
     def _listening(self) -> bool:
         if self.unix:
