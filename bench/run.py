@@ -74,8 +74,8 @@ from miltermonkey_core.testing.stack import (  # noqa: E402
 )
 
 ALL_CONTENDERS = ("none", "smtp-source", "bare", "bare-tuned", "bare-unix", "mm-trivial",
-                  "mm-trivial-unix", "peers", "mm-avspam", "mm-keyed", "mimedefang",
-                  "clamd", "spamd", "engines")
+                  "mm-trivial-unix", "clamav-milter", "mm-av", "spamass-milter", "mm-spam",
+                  "peers", "mm-avspam", "mm-keyed", "mimedefang", "clamd", "spamd", "engines")
 ENGINE_KINDS = {"clamd": "clamd", "spamd": "spamd", "engines": "both"}
 LABELS = {
     "none": "1  Postfix, no milter (ceiling)",
@@ -84,6 +84,10 @@ LABELS = {
     "bare-unix": "2c bare pymilter, defaults, UNIX",
     "mm-trivial": "3a miltermonkey trivial, TCP",
     "mm-trivial-unix": "3b miltermonkey trivial, UNIX",
+    "clamav-milter": "4a clamav-milter alone",
+    "mm-av": "5a miltermonkey av alone",
+    "spamass-milter": "4b spamass-milter alone",
+    "mm-spam": "5b miltermonkey spam alone",
     "peers": "4  clamav-milter + spamass-milter",
     "mm-avspam": "5  miltermonkey av+spam",
     "mm-keyed": "6  miltermonkey hop 2, valid key",
@@ -94,6 +98,8 @@ LABELS = {
     "smtp-source": "C  ceiling, smtp-source client",
 }
 AVSPAM = ("peers", "mm-avspam", "mm-keyed", "mimedefang")
+#: Single-engine rows and the peer each is compared with.
+SINGLE = {"mm-av": "clamav-milter", "mm-spam": "spamass-milter"}
 SPAM_LIMIT = loadgen.SPAMC_MAX_SIZE
 
 
@@ -179,7 +185,8 @@ class Bench:
         self.postfix.start()
         self._milters = ""
         log(f"postfix on 127.0.0.1:{self.postfix.smtp_port} -> smtp-sink :{self.sink.port}")
-        needs_engines = any(c in self.args.contenders for c in (*AVSPAM, *ENGINE_KINDS)) \
+        needs_engines = any(c in self.args.contenders
+                            for c in (*AVSPAM, *ENGINE_KINDS, *SINGLE, *SINGLE.values())) \
             or not self.args.no_memory
         self.clamd: Clamd | None = None
         self.spamd: Spamd | None = None
@@ -493,6 +500,28 @@ class Bench:
         if key in ("mm-trivial", "mm-trivial-unix"):
             m = self.monkey(key, [{"use": "trivial"}], unix=key.endswith("unix"))
             return self._monkey_running(m, [("X-MilterMonkey", 0)])
+        if key == "clamav-milter":
+            assert self.clamd is not None
+            one = peers.ClamavMilter(w / key, free_port(), self.clamd.tcp_port)
+            one.start()
+            return Running(one.postfix_spec, one.roots,
+                           lambda: peers.stop_many(one.children), [("X-Virus-Status", 0)],
+                           virus=True)
+        if key == "spamass-milter":
+            assert self.spamd is not None
+            sm1 = peers.SpamassMilter(w / key, free_port(), self.spamd.port)
+            sm1.start()
+            return Running(sm1.postfix_spec, sm1.roots,
+                           lambda: peers.stop_many(sm1.children),
+                           [("X-Spam-Status", SPAM_LIMIT)], spam=True)
+        if key in SINGLE:
+            self._need_brains()
+            av, spam = self._avspam_brains(skip_if_key=False)
+            brain = av if key == "mm-av" else spam
+            m = self.monkey(key, [brain])
+            marker = ("X-Virus-Status", 0) if key == "mm-av" else ("X-Spam-Status", SPAM_LIMIT)
+            return self._monkey_running(m, [marker], spam=key == "mm-spam",
+                                        virus=key == "mm-av")
         if key == "peers":
             assert self.clamd is not None and self.spamd is not None
             cm = peers.ClamavMilter(w / "clamav-milter", free_port(), self.clamd.tcp_port)
@@ -1000,8 +1029,8 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         eng = by.get(("engines", size))
         if eng and key in AVSPAM:
             entry["vs_engines_alone"] = r["e2e_rate"] / eng["e2e_rate"]
-        peer = by.get(("peers", size))
-        if peer and key in AVSPAM and key != "peers":
+        peer = by.get((SINGLE[key], size)) if key in SINGLE else by.get(("peers", size))
+        if peer and (key in AVSPAM or key in SINGLE) and key != "peers":
             entry["vs_peers_rate"] = r["e2e_rate"] / peer["e2e_rate"]
             if r.get("milter_cpu_ms") and peer.get("milter_cpu_ms"):
                 entry["vs_peers_milter_cpu"] = r["milter_cpu_ms"] / peer["milter_cpu_ms"]
@@ -1031,9 +1060,9 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 RATIO_NAMES = {
     "vs_ceiling": "rate vs ceiling (1)",
     "vs_engines_alone": "rate vs engines alone (E3)",
-    "vs_peers_rate": "rate vs peers (4)",
-    "vs_peers_milter_cpu": "milter CPU vs peers (4)",
-    "vs_peers_p50": "p50 latency vs peers (4)",
+    "vs_peers_rate": "rate vs the peer (4; 4a, 4b for 5a, 5b)",
+    "vs_peers_milter_cpu": "milter CPU vs the peer",
+    "vs_peers_p50": "p50 latency vs the peer",
     "vs_bare_tuned_rate": "rate vs bare tuned (2b)",
     "vs_bare_tuned_cpu": "milter CPU vs bare tuned (2b)",
     "mm_overhead_cpu_ms": "extra milter CPU ms/msg vs 2b",

@@ -82,6 +82,11 @@ class Brain:
     description: ClassVar[str] = ""
     #: Failure policy when the config gives none (else the daemon's ``on_error``).
     default_on_error: ClassVar[str | None] = None
+    #: False for a brain whose ``eom_process`` only computes (no I/O, no
+    #: locks, no engine): the daemon then calls it on the connection's own
+    #: thread instead of handing it to the worker pool and back.  Its
+    #: ``timeout`` cannot be enforced, so never set it on a brain that waits.
+    blocking: ClassVar[bool] = True
 
     def __init__(self, options: Any, monkey: Monkey, name: str | None = None) -> None:
         self.options = options

@@ -569,6 +569,11 @@ class Daemon:
                 ctx.progress()
 
         def invoke(slot: BrainSlot, call: Callable[[], None], timeout: float) -> None:
+            if not slot.brain.blocking:
+                # pure computation: a pool round trip would cost more than the call
+                call()
+                return
+
             def work() -> None:
                 with queue_id(qid):
                     call()

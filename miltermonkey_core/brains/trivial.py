@@ -37,6 +37,7 @@ class TrivialBrain(Brain):
     needs = Needs(envelope=False, headers=False, body=False,
                   actions=frozenset({Capability.ADD_HEADERS}))
     description = "adds one header to every message (pipeline check, benchmark floor)"
+    blocking = False
 
     def __init__(self, options: TrivialOptions, monkey: Monkey, name: str | None = None) -> None:
         super().__init__(options, monkey, name)
