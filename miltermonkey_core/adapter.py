@@ -637,15 +637,17 @@ class MilterAdapter:
         """Send the decision: edits in brain order, then quarantine, then the verdict."""
         s = conn.session
         v = decision.verdict
-        brains = " ".join(f"{r.brain}={r.outcome}:{r.action.value}" for r in decision.results)
+        def brains() -> str:
+            return " ".join(f"{r.brain}={r.outcome}:{r.action.value}" for r in decision.results)
+
         if isinstance(v, MtaDecides):
             log.warning("%s: no verdict: %s, in %.1f ms [%s]; dropping the milter connection so "
                         "the MTA applies its default action", s.qid, v.reason,
-                        decision.seconds * 1000, brains)
+                        decision.seconds * 1000, brains())
             return MTA_DECIDES
         if v is not None and v.final:
             log.info("%s: %s by %s in %.1f ms [%s]", s.qid, v.describe(), v.brain,
-                     decision.seconds * 1000, brains)
+                     decision.seconds * 1000, brains())
             if v.action is Action.DISCARD and decision.ctx.after_accept_jobs:
                 _after_accept(decision.ctx, s.qid)
             return self._reply(conn, v, logged=True)
@@ -675,9 +677,10 @@ class MilterAdapter:
                       s.qid, err)
             return self._reply(conn, Verdict.tempfail(451, "4.3.0",
                                                       "Temporary failure in mail filter"))
-        log.info("%s: accept in %.1f ms, %d edit(s)%s [%s]", s.qid, decision.seconds * 1000,
-                 len(decision.ctx.edits),
-                 " quarantined" if decision.ctx.quarantine_request else "", brains)
+        # one line per message, whatever the debug level: the queue id's trail
+        log.info("%s: accept in %.1f ms, %d edit(s)%s [%s]", s.qid,
+                 decision.seconds * 1000, len(decision.ctx.edits),
+                 " quarantined" if decision.ctx.quarantine_request else "", brains())
         if decision.ctx.after_accept_jobs:
             _after_accept(decision.ctx, s.qid)
         return int(Milter.ACCEPT)

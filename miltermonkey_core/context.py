@@ -55,6 +55,8 @@ def safe_header_value(value: str) -> str:
     where mail data supplied one without it, a tab is inserted.  NUL and CR
     are dropped (the MTA adds CRs itself).
     """
+    if "\n" not in value and "\r" not in value and "\x00" not in value:
+        return value.rstrip("\t ")  # the common case: nothing to neutralise
     value = value.replace("\x00", "").replace("\r\n", "\n").replace("\r", "\n")
     value = re.sub(r"\n(?![ \t])", "\n\t", value)
     return value.rstrip("\n\t ")
