@@ -6,6 +6,7 @@
   MTA side honours the no-reply and skip flags the daemon negotiated).
 * ``run_brains``: run brain instances over a message in-process, through the
   same engine code as the daemon, for fast unit tests.
+* ``clamd_server``, ``spamd_server``: private engines for the session.
 * ``postfix_stack``: a private Postfix relaying to an ``smtp-sink``, for
   end-to-end tests through a real MTA (skipped when Postfix is not
   installed, unless ``MILTERMONKEY_REQUIRE_STACK=1``).
@@ -117,3 +118,38 @@ def postfix_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostfixS
             pf.stop()
     finally:
         sink.stop()
+
+
+@pytest.fixture(scope="session")
+def clamd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A private clamd (TCP and UNIX socket) with an EICAR signature, for the session.
+
+    ``clamd_server.tcp_address``, ``.unix_socket``; skipped where clamd is not
+    installed, unless ``MILTERMONKEY_REQUIRE_STACK=1``.
+    """
+    from miltermonkey_core.testing import stack
+
+    stack.require_or_skip(stack.Clamd)
+    clamd = stack.Clamd(tmp_path_factory.mktemp("clamd"), stack.free_port())
+    clamd.start()
+    try:
+        yield clamd
+    finally:
+        clamd.stop()
+
+
+@pytest.fixture(scope="session")
+def spamd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A private spamd with SpamAssassin's shipped rules (``-L``), for the session.
+
+    ``spamd_server.address`` is ``(host, port)``.
+    """
+    from miltermonkey_core.testing import stack
+
+    stack.require_or_skip(stack.Spamd)
+    spamd = stack.Spamd(tmp_path_factory.mktemp("spamd"), stack.free_port())
+    spamd.start()
+    try:
+        yield spamd
+    finally:
+        spamd.stop()

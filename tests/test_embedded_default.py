@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,20 +12,10 @@ from miltermonkey_core.testing import stack
 pytestmark = pytest.mark.engines
 
 
-@pytest.fixture(scope="module")
-def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[stack.Clamd, stack.Spamd]]:
-    stack.require_or_skip(stack.Clamd)
-    stack.require_or_skip(stack.Spamd)
-    base = tmp_path_factory.mktemp("default-engines")
-    clamd = stack.Clamd(base / "clamd", stack.free_port())
-    spamd = stack.Spamd(base / "spamd", stack.free_port())
-    clamd.start()
-    spamd.start()
-    try:
-        yield clamd, spamd
-    finally:
-        clamd.stop()
-        spamd.stop()
+@pytest.fixture
+def engines(clamd_server: stack.Clamd,
+            spamd_server: stack.Spamd) -> tuple[stack.Clamd, stack.Spamd]:
+    return clamd_server, spamd_server
 
 
 def test_trivial_only_when_no_engine_answers(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,6 @@ skipped, its tempfail policy would refuse the message.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,20 +25,10 @@ CLEAN = (b"From: alice@relay.example\r\nTo: bob@mx.example\r\nSubject: quarterly
          b"Hello Bob,\r\nthe numbers are attached in the usual place.\r\nAlice\r\n")
 
 
-@pytest.fixture(scope="module")
-def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[stack.Clamd, stack.Spamd]]:
-    stack.require_or_skip(stack.Clamd)
-    stack.require_or_skip(stack.Spamd)
-    base = tmp_path_factory.mktemp("engines")
-    clamd = stack.Clamd(base / "clamd", stack.free_port())
-    spamd = stack.Spamd(base / "spamd", stack.free_port())
-    clamd.start()
-    spamd.start()
-    try:
-        yield clamd, spamd
-    finally:
-        clamd.stop()
-        spamd.stop()
+@pytest.fixture
+def engines(clamd_server: stack.Clamd,
+            spamd_server: stack.Spamd) -> tuple[stack.Clamd, stack.Spamd]:
+    return clamd_server, spamd_server
 
 
 def brains(clamd: stack.Clamd, spamd: stack.Spamd, av_skip: bool) -> list[dict[str, object]]:
@@ -61,29 +50,31 @@ def test_relay_scans_and_mx_skips_av_but_runs_spam(
                          {**key, "hostname": "relay.example"}, name="relay")
     hop2 = MonkeyProcess(tmp_path / "mx", brains(clamd, spamd, av_skip=True),
                          {**key, "hostname": "mx.example"}, name="mx")
-    with hop1, hop2:
-        first = mta.run_session(hop1.address, [(CLEAN, "<alice@relay.example>",
-                                                ["<bob@mx.example>"])])[0]
-        assert first.disposition is mta.Disposition.ACCEPT, first
-        relayed = first.applied
-        assert relayed is not None
-        assert relayed.header_values("X-Virus-Status") == ["Clean"]
-        assert relayed.header_values("X-Spam-Flag") in ([], ["NO"])
-        assert len(relayed.header_values("X-Milter-Key")) == 1
-        assert "ran=av:continue,spam:continue" in relayed.header_values("X-Milter-Key")[0] \
-            .replace("\n", "").replace("\t", "").replace(" ", "")
+    try:
+        with hop1, hop2:
+            first = mta.run_session(hop1.address, [(CLEAN, "<alice@relay.example>",
+                                                    ["<bob@mx.example>"])])[0]
+            assert first.disposition is mta.Disposition.ACCEPT, first
+            relayed = first.applied
+            assert relayed is not None
+            assert relayed.header_values("X-Virus-Status") == ["Clean"]
+            assert relayed.header_values("X-Spam-Flag") in ([], ["NO"])
+            assert len(relayed.header_values("X-Milter-Key")) == 1
+            assert "ran=av:continue,spam:continue" in relayed.header_values("X-Milter-Key")[0] \
+                .replace("\n", "").replace("\t", "").replace(" ", "")
 
-        clamd.stop()  # av must not be needed at the MX any more
-        second = mta.run_session(hop2.address, [(relayed.as_bytes(), "<alice@relay.example>",
-                                                 ["<bob@mx.example>"])])[0]
-        assert second.disposition is mta.Disposition.ACCEPT, second
-        log = hop2.wait_for_log("trusted milter key: skipping av")
-        assert "av=skipped" in log and "spam=ran" in log
-        # spam ran at the MX: its status header was written again, exactly once
-        assert second.applied is not None
-        assert len(second.applied.header_values("X-Spam-Status")) == 1
-        # the MX re-signs, carrying the relay's av claim forward
-        mx_key = second.applied.header_values("X-Milter-Key")
-        assert len(mx_key) == 1 and "host=mx.example" in mx_key[0]
-        assert "av:continue" in mx_key[0].replace("\n", "").replace("\t", "")
-    clamd.start()
+            clamd.stop()  # av must not be needed at the MX any more
+            second = mta.run_session(hop2.address, [(relayed.as_bytes(), "<alice@relay.example>",
+                                                     ["<bob@mx.example>"])])[0]
+            assert second.disposition is mta.Disposition.ACCEPT, second
+            log = hop2.wait_for_log("trusted milter key: skipping av")
+            assert "av=skipped" in log and "spam=ran" in log
+            # spam ran at the MX: its status header was written again, exactly once
+            assert second.applied is not None
+            assert len(second.applied.header_values("X-Spam-Status")) == 1
+            # the MX re-signs, carrying the relay's av claim forward
+            mx_key = second.applied.header_values("X-Milter-Key")
+            assert len(mx_key) == 1 and "host=mx.example" in mx_key[0]
+            assert "av:continue" in mx_key[0].replace("\n", "").replace("\t", "")
+    finally:
+        clamd.start()  # the engine is shared with other tests
