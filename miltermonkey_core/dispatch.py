@@ -491,17 +491,23 @@ class Chain:
     ) -> tuple[str, str]:
         """One guarded ``eom_process`` call: ("ok", "") or (error|timeout, why)."""
         ctx.begin(slot.name)
-        guard = GuardedContext(ctx, slot.name, lock)
+        # A non-blocking brain runs on the caller's thread and cannot outlive
+        # the chain, so it needs no guard against writing after its deadline.
+        guard: GuardedContext | None = (
+            GuardedContext(ctx, slot.name, lock) if getattr(slot.brain, "blocking", True)
+            else None)
+        brain_ctx: Any = guard if guard is not None else ctx
 
         def call() -> None:
-            slot.call("eom_process", message=message, ctx=guard, monkey=slot.monkey)
+            slot.call("eom_process", message=message, ctx=brain_ctx, monkey=slot.monkey)
 
         breaker = slot.breaker
         try:
             run(slot, call, slot.timeout or 0.0)
         except BrainTimeout as e:
             with lock:
-                guard.revoke()
+                if guard is not None:
+                    guard.revoke()
                 ctx.rollback()
                 ctx.end()
             if e.counts:
@@ -512,7 +518,8 @@ class Chain:
             return "timeout", e.why
         except Exception as e:
             with lock:
-                guard.revoke()
+                if guard is not None:
+                    guard.revoke()
                 ctx.rollback()
                 ctx.end()
             if not slot.evaluation:
@@ -521,7 +528,8 @@ class Chain:
             if breaker.failure("error"):
                 _log_opened(slot, qid)
             return "error", f"{type(e).__name__}: {e}"
-        guard.revoke()
+        if guard is not None:
+            guard.revoke()
         if breaker.success():
             log.warning("%s: brain %s answered again: circuit breaker closed", qid, slot.name)
         return "ok", ""
