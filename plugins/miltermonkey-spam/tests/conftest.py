@@ -8,7 +8,6 @@ spamd on purpose start a private one instead.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,15 +18,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(scope="session")
-def spamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack.Spamd]:
-    """A running private spamd on a free loopback port (Debian's rules, ``-L``)."""
-    stack.require_or_skip(stack.Spamd)
-    part = stack.Spamd(tmp_path_factory.mktemp("spamd"), stack.free_port())
-    part.start()
-    try:
-        yield part
-    finally:
-        part.stop()
+def spamd(spamd_server: stack.Spamd) -> stack.Spamd:
+    """The core plugin's session spamd, shared with the core's own tests (one start)."""
+    return spamd_server
 
 
 @pytest.fixture(scope="session")
