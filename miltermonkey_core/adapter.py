@@ -41,7 +41,7 @@ from miltermonkey_core.context import (
 )
 from miltermonkey_core.dispatch import MtaDecides, policy_verdict
 from miltermonkey_core.engine import Decision, Engine, Session
-from miltermonkey_core.logs import ROOT, queue_id
+from miltermonkey_core.logs import ROOT, SUMMARY_LEVEL, queue_id
 from miltermonkey_core.model import Connection
 from miltermonkey_core.verdict import Action, Verdict
 
@@ -677,10 +677,11 @@ class MilterAdapter:
                       s.qid, err)
             return self._reply(conn, Verdict.tempfail(451, "4.3.0",
                                                       "Temporary failure in mail filter"))
-        # one line per message, whatever the debug level: the queue id's trail
-        log.info("%s: accept in %.1f ms, %d edit(s)%s [%s]", s.qid,
-                 decision.seconds * 1000, len(decision.ctx.edits),
-                 " quarantined" if decision.ctx.quarantine_request else "", brains())
+        # one line per message, the queue id's trail, unless debug_level is under 5
+        if conn.gen.daemon.debug_level >= SUMMARY_LEVEL:
+            log.info("%s: accept in %.1f ms, %d edit(s)%s [%s]", s.qid,
+                     decision.seconds * 1000, len(decision.ctx.edits),
+                     " quarantined" if decision.ctx.quarantine_request else "", brains())
         if decision.ctx.after_accept_jobs:
             _after_accept(decision.ctx, s.qid)
         return int(Milter.ACCEPT)

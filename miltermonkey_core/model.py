@@ -142,10 +142,12 @@ class Body:
     ) -> None:
         self._threshold = threshold
         self._tmpdir = os.fspath(tmpdir) if tmpdir is not None else None
-        self._mem = io.BytesIO()
+        # Both made on the first write: a configuration that negotiates the
+        # body away creates a Body per message and never writes to it.
+        self._mem: io.BytesIO | None = None
         self._file: BinaryIO | None = None
         self._size = 0
-        self._sha256 = hashlib.sha256()
+        self._sha256: Any = None
 
     @classmethod
     def from_bytes(cls, data: bytes, threshold: int = DEFAULT_SPOOL_THRESHOLD) -> Body:
@@ -155,16 +157,21 @@ class Body:
 
     def write(self, chunk: bytes) -> None:
         self._size += len(chunk)
+        if self._sha256 is None:
+            self._sha256 = hashlib.sha256()
         self._sha256.update(chunk)
         if self._file is not None:
             self._file.write(chunk)
             return
-        self._mem.write(chunk)
-        if self._mem.tell() > self._threshold:
+        mem = self._mem
+        if mem is None:
+            mem = self._mem = io.BytesIO()
+        mem.write(chunk)
+        if mem.tell() > self._threshold:
             f = tempfile.TemporaryFile(prefix="mm-body-", dir=self._tmpdir)  # noqa: SIM115
-            f.write(self._mem.getbuffer())
+            f.write(mem.getbuffer())
             self._file = f
-            self._mem = io.BytesIO()
+            self._mem = None
 
     @property
     def size(self) -> int:
@@ -176,11 +183,16 @@ class Body:
         return self._file is not None
 
     def sha256(self) -> bytes:
-        return self._sha256.copy().digest()
+        if self._sha256 is None:
+            return hashlib.sha256().digest()
+        digest: bytes = self._sha256.copy().digest()
+        return digest
 
     def chunks(self, size: int = 65536) -> Iterator[bytes]:
         """Yield the body in pieces without loading a spooled body whole."""
         if self._file is None:
+            if self._mem is None:
+                return
             view = self._mem.getbuffer()
             try:
                 for i in range(0, len(view), size):
@@ -207,7 +219,7 @@ class Body:
         if self._file is not None:
             self._file.close()
             self._file = None
-        self._mem = io.BytesIO()
+        self._mem = None
 
 
 @attrs.define
