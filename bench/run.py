@@ -2,17 +2,19 @@
 """MilterMonkey against its peers, on a real Postfix, clamd and spamd, in one run.
 
     nox -s bench -- [--count N] [--concurrency C] [--sizes 2k,50k,1m,mix]
-                    [--contenders LIST] [--quick]
+                    [--contenders LIST] [--repeat N] [--quick]
     (or, as root, in the dev venv:  python bench/run.py ...)
 
 It starts on loopback a private Postfix relaying to smtp-sink, one clamd and
-one spamd that every contender shares, then sends the same message set at
-the same concurrency through each contender in turn:
+one spamd that every contender shares, starts and checks every contender,
+then sends the same message set at the same concurrency through each one in
+turn, size by size (--repeat N: N interleaved rounds per size):
 
     none             Postfix without milter: the ceiling
     bare             bare pymilter milter adding a header, pymilter defaults, TCP
     bare-tuned       the same, TCP_NODELAY + connect/DATA answered, TCP
     bare-unix        the same as bare, UNIX socket
+    c-tuned          a C libmilter milter adding a header, tuned like bare-tuned, TCP
     mm-trivial       MilterMonkey, trivial brain, TCP
     mm-trivial-unix  MilterMonkey, trivial brain, UNIX socket
     peers            clamav-milter + spamass-milter chained (Debian)
@@ -42,6 +44,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,15 +76,17 @@ from miltermonkey_core.testing.stack import (  # noqa: E402
     parse_dump,
 )
 
-ALL_CONTENDERS = ("none", "smtp-source", "bare", "bare-tuned", "bare-unix", "mm-trivial",
-                  "mm-trivial-unix", "clamav-milter", "mm-av", "spamass-milter", "mm-spam",
-                  "peers", "mm-avspam", "mm-keyed", "mimedefang", "clamd", "spamd", "engines")
+ALL_CONTENDERS = ("none", "smtp-source", "bare", "bare-tuned", "bare-unix", "c-tuned",
+                  "mm-trivial", "mm-trivial-unix", "clamav-milter", "mm-av", "spamass-milter",
+                  "mm-spam", "peers", "mm-avspam", "mm-keyed", "mimedefang", "clamd", "spamd",
+                  "engines")
 ENGINE_KINDS = {"clamd": "clamd", "spamd": "spamd", "engines": "both"}
 LABELS = {
     "none": "1  Postfix, no milter (ceiling)",
     "bare": "2a bare pymilter, defaults, TCP",
     "bare-tuned": "2b bare pymilter, tuned, TCP",
     "bare-unix": "2c bare pymilter, defaults, UNIX",
+    "c-tuned": "2d C libmilter milter, tuned, TCP",
     "mm-trivial": "3a miltermonkey trivial, TCP",
     "mm-trivial-unix": "3b miltermonkey trivial, UNIX",
     "clamav-milter": "4a clamav-milter alone",
@@ -100,6 +105,10 @@ LABELS = {
 AVSPAM = ("peers", "mm-avspam", "mm-keyed", "mimedefang")
 #: Single-engine rows and the peer each is compared with.
 SINGLE = {"mm-av": "clamav-milter", "mm-spam": "spamass-milter"}
+#: Rows compared with the C milter (2d), the floor of any milter here.
+VS_C = ("bare", "bare-tuned", "bare-unix", "mm-trivial", "mm-trivial-unix")
+#: Not milters: measured without Postfix pointing at anything.
+NOT_MILTERS = (*ENGINE_KINDS, "smtp-source")
 SPAM_LIMIT = loadgen.SPAMC_MAX_SIZE
 
 
@@ -158,6 +167,10 @@ class Bench:
         self.sets: dict[str, messages.MessageSet] = {}
         self.wires: dict[str, list[bytes]] = {}
         self._milters = "<unset>"
+        #: The round being measured (1 to --repeat); every row records it.
+        self.round = 1
+        #: (contender, size) -> how often the set is sent, decided in round 1.
+        self.passes_memo: dict[tuple[str, str], int] = {}
 
     # --- the shared stack ---------------------------------------------------------------------
 
@@ -261,6 +274,29 @@ class Bench:
 
     # --- one measurement ----------------------------------------------------------------------
 
+    def remembered_passes(self, key: str, size: str, first: Callable[[], dict[str, Any]],
+                          again: Callable[[int, bool], dict[str, Any]],
+                          msgset: messages.MessageSet) -> dict[str, Any]:
+        """Measure once, and again with the set sent more often if --min-time asks for it.
+
+        The number of passes is decided in the first round and reused in the
+        later ones, so every round sends the same mail.  ``again(passes,
+        right_after_warmup)``: the second argument is False when the short
+        first measurement came in between.
+        """
+        memo = self.passes_memo.get((key, size))
+        if memo is not None and memo > 1:
+            return again(memo, True)
+        row = first()
+        passes = self.passes_for(row["e2e_s"], msgset) if not row["problems"] else 1
+        if passes > 1:
+            log(f"  {key:<16} {size:>4}: {row['e2e_s']:.2f} s is under --min-time "
+                f"{self.args.min_time:g} s: again with the set sent {passes} times")
+            row = again(passes, False)
+        if not row["problems"]:
+            self.passes_memo[(key, size)] = passes
+        return row
+
     def passes_for(self, seconds: float, msgset: messages.MessageSet) -> int:
         """How often to send the set so a measurement lasts at least --min-time.
 
@@ -289,12 +325,11 @@ class Bench:
             if wres.failures:
                 run.notes.append(f"warm-up {size}: {len(wres.failures)} failed, first: "
                                  f"{wres.failures[0].detail}")
-        row = self._measure_once(key, run, size, msgset, wires, len(warm))
-        passes = self.passes_for(row["e2e_s"], msgset) if not row["problems"] else 1
-        if passes > 1:
-            log(f"  {key:<16} {size:>4}: {row['e2e_s']:.2f} s is under --min-time "
-                f"{self.args.min_time:g} s: again with the set sent {passes} times")
-            row = self._measure_once(key, run, size, msgset, wires * passes, 0, passes)
+        row = self.remembered_passes(
+            key, size, lambda: self._measure_once(key, run, size, msgset, wires, len(warm)),
+            lambda passes, fresh: self._measure_once(key, run, size, msgset, wires * passes,
+                                                     len(warm) if fresh else 0, passes),
+            msgset)
         for p in row["problems"]:
             loud(f"{key} / {size}: {p}")
         self.results.append(row)
@@ -348,6 +383,7 @@ class Bench:
             "contender": key,
             "label": LABELS.get(key, key),
             "size": size,
+            "round": self.round,
             "count": n,
             "set_size": len(msgset),
             "passes": passes,
@@ -396,7 +432,8 @@ class Bench:
         return None
 
     def _print_row(self, r: dict[str, Any]) -> None:
-        log(f"  {r['contender']:<16} {r['size']:>4}: e2e {r['e2e_rate']:7.1f} msg/s, inject "
+        rnd = f" r{r['round']}" if self.args.repeat > 1 else ""
+        log(f"  {r['contender']:<16} {r['size']:>4}{rnd}: e2e {r['e2e_rate']:7.1f} msg/s, inject "
             f"{r['inject_rate']:7.1f} msg/s, p50/p90/p99 {r['p50_ms']:.0f}/{r['p90_ms']:.0f}/"
             f"{r['p99_ms']:.0f} ms, milter CPU {_fmt(r['milter_cpu_ms'])} ms/msg, "
             f"peak RSS {_fmt(r['milter_peak_rss_mib'])} MiB, delivered {r['delivered']}/"
@@ -468,8 +505,10 @@ class Bench:
             with contextlib.suppress(ValueError):
                 self.monkeys.remove(m)
 
-        return Running(m.postfix_spec, lambda: [m.proc.pid] if m.alive() else [], stop,
-                       markers, monkey=m, **kw)
+        def roots() -> list[int]:
+            return [m.proc.pid] if m.proc is not None and m.alive() else []
+
+        return Running(m.postfix_spec, roots, stop, markers, monkey=m, **kw)
 
     def start_contender(self, key: str) -> Running:
         w = self.work
@@ -497,6 +536,20 @@ class Bench:
                                child.log)
             return Running(spec, lambda: [child.pid] if child.alive() else [], child.stop,
                            [("X-Bench-Bare", 0)])
+        if key == "c-tuned":
+            (w / key).mkdir(exist_ok=True)
+            binary = w / key / "c_milter"
+            why = peers.build_c_milter(binary)
+            if why:
+                raise Skip(why)
+            port = free_port()
+            cchild = peers.Child(key, [str(binary), f"inet:{port}@127.0.0.1"],
+                                 w / key / "stdout.log")
+            peers.wait_for(key, lambda: peers.port_listening(port), 20, cchild.alive,
+                           cchild.log)
+            return Running(f"inet:127.0.0.1:{port}",
+                           lambda: [cchild.pid] if cchild.alive() else [], cchild.stop,
+                           [("X-Bench-C", 0)])
         if key in ("mm-trivial", "mm-trivial-unix"):
             m = self.monkey(key, [{"use": "trivial"}], unix=key.endswith("unix"))
             return self._monkey_running(m, [("X-MilterMonkey", 0)])
@@ -524,8 +577,11 @@ class Bench:
                                         virus=key == "mm-av")
         if key == "peers":
             assert self.clamd is not None and self.spamd is not None
-            cm = peers.ClamavMilter(w / "clamav-milter", free_port(), self.clamd.tcp_port)
-            sm = peers.SpamassMilter(w / "spamass-milter", free_port(), self.spamd.port)
+            # own directories: 4a and 4b run at the same time, from theirs
+            cm = peers.ClamavMilter(w / "peers" / "clamav-milter", free_port(),
+                                    self.clamd.tcp_port)
+            sm = peers.SpamassMilter(w / "peers" / "spamass-milter", free_port(),
+                                     self.spamd.port)
             try:
                 cm.start()
                 sm.start()
@@ -645,11 +701,12 @@ class Bench:
         self.keyed_sets[size] = messages.MessageSet(f"{size}-keyed",
                                                     tuple(got[k] for k in sorted(got)))
 
-    def make_keyed(self, size: str) -> messages.MessageSet:
+    def make_keyed(self, size: str, hop1: Running | None = None) -> messages.MessageSet:
+        """Send the set through hop 1 (the running mm-avspam, or one of our own) and keep it."""
         if size in self.keyed_sets and len(self.keyed_sets[size]) == len(self.sets[size]):
             return self.keyed_sets[size]
         log(f"  hop 1 pass for the keyed {size} set (not measured)")
-        run = self.start_contender("mm-avspam")
+        run = hop1 or self.start_contender("mm-avspam")
         try:
             self.set_milters(run.spec)
             self.sink.clear()
@@ -659,7 +716,8 @@ class Bench:
             self.collect_keyed(size)
             self.sink.clear()
         finally:
-            run.stop()
+            if hop1 is None:
+                run.stop()
         ks = self.keyed_sets[size]
         if len(ks) != len(self.sets[size]):
             loud(f"hop 1 produced {len(ks)} keyed messages of {len(self.sets[size])}")
@@ -693,10 +751,8 @@ class Bench:
                 if res.failures else []
             return row
 
-        row = once(1)
-        passes = self.passes_for(row["e2e_s"], self.sets[size]) if not row["problems"] else 1
-        if passes > 1:
-            row = once(passes)
+        row = self.remembered_passes(key, size, lambda: once(1),
+                                     lambda passes, _fresh: once(passes), self.sets[size])
         for p in row["problems"]:
             loud(f"{key} / {size}: {p}")
         self.results.append(row)
@@ -736,7 +792,8 @@ class Bench:
 
         run(min(self.args.warmup, n) or 1)
         self.wait_delivered(0, 60)
-        passes = 1
+        memo = self.passes_memo.get(("smtp-source", size))
+        passes = memo or 1
         for attempt in range(2):
             self.sink.clear()
             for m in (self.meter_mta, self.meter_sink, self.meter_engines):
@@ -746,12 +803,15 @@ class Bench:
             t_e2e, delivered = self.wait_delivered(n * passes, 60 + 2 * n * passes)
             busy1, total1 = procstats.box_busy_seconds()
             more = self.passes_for(t_e2e - t0, msgset)
-            if attempt or more == 1:
+            if attempt or memo is not None or more == 1:
                 break
             passes = more
         n *= passes
+        if delivered == n:
+            self.passes_memo[("smtp-source", size)] = passes
         row = {
             "contender": "smtp-source", "label": LABELS["smtp-source"], "size": size,
+            "round": self.round,
             "count": n, "set_size": len(msgset), "passes": passes,
             "mean_kib": round(len(msgset.messages[0]) / 1024, 1),
             "concurrency": conc, "accepted": delivered, "delivered": delivered,
@@ -771,7 +831,8 @@ class Bench:
             loud(f"smtp-source / {size}: {p}")
         self.sink.clear()
         self.results.append(row)
-        log(f"  smtp-source      {size:>4}: e2e {row['e2e_rate']:7.1f} msg/s, inject "
+        rnd = f" r{self.round}" if self.args.repeat > 1 else ""
+        log(f"  smtp-source      {size:>4}{rnd}: e2e {row['e2e_rate']:7.1f} msg/s, inject "
             f"{row['inject_rate']:7.1f} msg/s, client CPU {row['client_cpu_ms']} ms/msg")
         return row
 
@@ -793,7 +854,7 @@ class Bench:
                 self.send_and_settle([messages.wire_form(m) for m in s.messages[:10]], sessions)
                 self.sink.clear()
                 meter = procstats.Meter(key, run.roots)
-                assert run.monkey is not None
+                assert run.monkey is not None and run.monkey.proc is not None
                 wpid = procstats.worker_pid(run.monkey.proc.pid)
                 worker = procstats.Meter("worker", functools.partial(list, [wpid]))
                 idle = meter.rss()
@@ -835,7 +896,7 @@ class Bench:
             self.set_milters(run.spec)
             self.sink.clear()
             big = messages.wire_form(messages.big_message(size, self.args.seed))
-            assert run.monkey is not None
+            assert run.monkey is not None and run.monkey.proc is not None
             pid = procstats.worker_pid(run.monkey.proc.pid)
             meter = procstats.Meter("big", run.roots)
             worker = procstats.Meter("worker", lambda: [pid])
@@ -888,71 +949,104 @@ class Bench:
     # --- the whole run ------------------------------------------------------------------------
 
     def run(self) -> None:
+        """Start and check every milter, then measure size by size, round by round.
+
+        The milters stay up, idle when it is not their turn, until the last
+        round: each round Postfix is pointed at each one in turn.
+        """
         a = self.args
         self.start_stack()
         self.build_sets()
         order = [c for c in ALL_CONTENDERS if c in a.contenders]
-        for key in order:
-            log(f"== {LABELS[key]}")
-            try:
-                self.run_contender(key)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as e:
-                import traceback
+        running: dict[str, Running] = {}
+        try:
+            for key in order:
+                if key not in NOT_MILTERS:
+                    log(f"== {LABELS[key]}: start and check")
+                    run = self.start_checked(key, running)
+                    if run is not None:
+                        running[key] = run
+            for size in a.sizes:
+                for rnd in range(1, a.repeat + 1):
+                    self.round = rnd
+                    log(f"== size {size}" + (f", round {rnd} of {a.repeat}"
+                                             if a.repeat > 1 else ""))
+                    for key in order:
+                        if key in self.skipped or (key not in NOT_MILTERS
+                                                   and key not in running):
+                            continue
+                        try:
+                            self.measure_one(key, size, running.get(key))
+                        except (KeyboardInterrupt, SystemExit):
+                            raise
+                        except Exception as e:
+                            import traceback
 
-                traceback.print_exc()
-                self._skip(key, f"error: {e!r}"[:2000])
+                            traceback.print_exc()
+                            self._skip(key, f"error in {size} round {rnd}: {e!r}"[:2000])
+                            gone = running.pop(key, None)
+                            if gone is not None:
+                                gone.stop()
+        finally:
+            stop_in_parallel(list(running.values()))
         if not a.no_memory:
             log("== memory")
             self.memory_tests()
 
-    def run_contender(self, key: str) -> None:
+    def start_checked(self, key: str, running: dict[str, Running]) -> Running | None:
+        """Start a milter contender and run its functional check; None if it is skipped."""
         a = self.args
-        if key in ENGINE_KINDS:
-            for size in a.sizes:
-                self.measure_engine(key, size)
-            return
-        if key == "smtp-source":
-            for size in a.sizes:
-                self.measure_smtp_source(size)
-            return
-        sets: dict[str, messages.MessageSet] = {}
-        if key == "mm-keyed":
-            try:
+        run: Running | None = None
+        try:
+            if key == "mm-keyed":
                 self._need_brains()
                 why = self._milterkey_available()
                 if why:
                     raise Skip(why)
                 for size in a.sizes:
-                    sets[size] = self.make_keyed(size)
-            except Skip as e:
-                self._skip(key, str(e))
-                return
-        try:
-            run = self.start_contender(key)
-        except Skip as e:
-            self._skip(key, str(e))
-            return
-        except Exception as e:
-            self._skip(key, f"could not start: {e}")
-            return
-        try:
+                    self.make_keyed(size, running.get("mm-avspam"))
+            try:
+                run = self.start_contender(key)
+            except Skip:
+                raise
+            except Exception as e:
+                raise Skip(f"could not start: {e}") from e
             try:
                 self.checks[key] = self.check(key, run)
                 if key == "mm-keyed":
-                    self._check_keyed(run, sets[a.sizes[0]])
+                    self._check_keyed(run, self.keyed_sets[a.sizes[0]])
             except Skip as e:
-                self._skip(key, f"functional check failed: {e}")
-                return
-            for size in a.sizes:
-                row = self.measure(key, run, size, sets.get(size))
-                row["notes"] = list(run.notes)
-                if key == "mm-avspam" and any(n == "X-Milter-Key" for n, _ in run.markers):
-                    self.collect_keyed(size)
-                self.sink.clear()
-        finally:
-            run.stop()
+                raise Skip(f"functional check failed: {e}") from e
+        except (KeyboardInterrupt, SystemExit):
+            if run is not None:
+                run.stop()
+            raise
+        except Exception as e:
+            if run is not None:
+                run.stop()
+            if isinstance(e, Skip):
+                self._skip(key, str(e))
+            else:
+                import traceback
+
+                traceback.print_exc()
+                self._skip(key, f"error: {e!r}"[:2000])
+            return None
+        return run
+
+    def measure_one(self, key: str, size: str, run: Running | None) -> None:
+        """One row: the key's measurement at this size, in the current round."""
+        if key in ENGINE_KINDS:
+            self.measure_engine(key, size)
+            return
+        if key == "smtp-source":
+            self.measure_smtp_source(size)
+            return
+        assert run is not None
+        msgset = self.keyed_sets[size] if key == "mm-keyed" else None
+        row = self.measure(key, run, size, msgset)
+        row["notes"] = list(run.notes)
+        self.sink.clear()
 
     def _check_keyed(self, run: Running, ks: messages.MessageSet) -> None:
         assert run.monkey is not None
@@ -980,6 +1074,21 @@ class Bench:
     def _skip(self, key: str, why: str) -> None:
         self.skipped[key] = why
         loud(f"{LABELS[key]}: SKIPPED: {why}")
+
+
+def stop_in_parallel(runs: Sequence[Running]) -> None:
+    """Stop contenders side by side: a libmilter program takes seconds to notice SIGTERM."""
+    def stop(run: Running) -> None:
+        try:
+            run.stop()
+        except Exception as e:
+            log(f"stopping {run.spec}: {e!r}")
+
+    threads = [threading.Thread(target=stop, args=(r,), daemon=True) for r in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1012,20 +1121,72 @@ COLUMNS = [
     ("engRSS", "engines_peak_rss_mib", 7, 0),
     ("busy%", "box_busy_pct", 5, 0),
 ]
+#: With --repeat N > 1: the min and max over the rounds, after the column named.
+RANGE_COLUMNS = {
+    "e2e/s": ("e2e/s range", "e2e_range", 15, 1),
+    "milterCPU": ("milterCPU range", "milter_cpu_range", 15, 2),
+}
+SIZE_ORDER = (*messages.SIZES, "mix")
+EN_DASH = "\u2013"  # ranges in the Markdown report (".." in the printed one)
 
 
-def ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per size: each contender against the ceiling, the engines alone, the peers, 2b."""
-    out: dict[str, dict[str, Any]] = {}
+def columns(repeat: int) -> list[tuple[str, str, int, int]]:
+    out = []
+    for col in COLUMNS:
+        out.append(col)
+        if repeat > 1 and col[0] in RANGE_COLUMNS:
+            out.append(RANGE_COLUMNS[col[0]])
+    return out
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per contender (rows of one size): its median round by e2e/s, and the ranges.
+
+    For an even number of rounds the lower of the two middle rounds is shown.
+    Problems of every round are kept, each marked with its round.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["contender"], []).append(r)
+    out = []
+    for group in groups.values():
+        ranked = sorted(group, key=lambda r: r["e2e_rate"])
+        line = dict(ranked[(len(ranked) - 1) // 2])
+        line["rounds"] = len(group)
+        rates = [r["e2e_rate"] for r in group]
+        cpus = [r["milter_cpu_ms"] for r in group if r.get("milter_cpu_ms") is not None]
+        line["e2e_range"] = (min(rates), max(rates))
+        line["milter_cpu_range"] = (min(cpus), max(cpus)) if cpus else None
+        if len(group) > 1:
+            line["problems"] = [f"round {r.get('round', '?')}: {p}" for r in group
+                                for p in r.get("problems") or []]
+        out.append(line)
+    return out
+
+
+def _cell(v: Any, digits: int, sep: str) -> str:
+    if isinstance(v, tuple | list):
+        return sep.join(_fmt(float(x), digits) for x in v)
+    return _fmt(v, digits) if isinstance(v, float) else _fmt(v)
+
+
+def _ratios_one_round(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per size: each contender against the ceiling, the engines alone, the peers, 2b, 2d."""
+    out: dict[str, dict[str, float]] = {}
     by = {(r["contender"], r["size"]): r for r in rows}
     for r in rows:
         key, size = r["contender"], r["size"]
         if key in ENGINE_KINDS or key == "smtp-source":
             continue
-        entry: dict[str, Any] = {}
+        entry: dict[str, float] = {}
         base = by.get(("none", size))
         if base and key != "none":
             entry["vs_ceiling"] = r["e2e_rate"] / base["e2e_rate"]
+        c_floor = by.get(("c-tuned", size))
+        if c_floor and key in VS_C:
+            entry["vs_c_rate"] = r["e2e_rate"] / c_floor["e2e_rate"]
+            if r.get("milter_cpu_ms") and c_floor.get("milter_cpu_ms"):
+                entry["vs_c_cpu"] = r["milter_cpu_ms"] / c_floor["milter_cpu_ms"]
         eng = by.get(("engines", size))
         if eng and key in AVSPAM:
             entry["vs_engines_alone"] = r["e2e_rate"] / eng["e2e_rate"]
@@ -1057,8 +1218,43 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _ratio_order(name: str) -> tuple[int, int]:
+    key, _, size = name.rpartition("/")
+    k = ALL_CONTENDERS.index(key) if key in ALL_CONTENDERS else len(ALL_CONTENDERS)
+    return k, SIZE_ORDER.index(size) if size in SIZE_ORDER else len(SIZE_ORDER)
+
+
+def ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The ratios of each round (each row against its reference in the same round).
+
+    With one round each entry holds the ratios.  With several, each holds the
+    median over the rounds, plus ``range`` (min, max) and ``rounds`` (every
+    round's value, in round order).
+    """
+    by_round: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_round.setdefault(r.get("round", 1), []).append(r)
+    values: dict[str, dict[str, list[float]]] = {}
+    for rnd in sorted(by_round):
+        for name, one in _ratios_one_round(by_round[rnd]).items():
+            slot = values.setdefault(name, {})
+            for k, v in one.items():
+                slot.setdefault(k, []).append(v)
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted(values, key=_ratio_order):
+        got = values[name]
+        entry: dict[str, Any] = {k: statistics.median(vs) for k, vs in got.items()}
+        if len(by_round) > 1:
+            entry["range"] = {k: [min(vs), max(vs)] for k, vs in got.items()}
+            entry["rounds"] = got
+        out[name] = entry
+    return out
+
+
 RATIO_NAMES = {
     "vs_ceiling": "rate vs ceiling (1)",
+    "vs_c_rate": "rate vs C floor (2d)",
+    "vs_c_cpu": "milter CPU vs C (2d)",
     "vs_engines_alone": "rate vs engines alone (E3)",
     "vs_peers_rate": "rate vs the peer (4; 4a, 4b for 5a, 5b)",
     "vs_peers_milter_cpu": "milter CPU vs the peer",
@@ -1070,32 +1266,51 @@ RATIO_NAMES = {
 }
 
 
+def _ratio_text(entry: dict[str, Any], k: str, sep: str) -> str:
+    """The (median) ratio, and with several rounds its range: ``0.84 (0.75..0.90)``."""
+    text = f"{entry[k]:.2f}"
+    rng = entry.get("range", {}).get(k)
+    if rng is not None and len(entry["rounds"][k]) > 1:
+        text += f" ({rng[0]:.2f}{sep}{rng[1]:.2f})"
+    return text
+
+
+def _size_heading(sub: list[dict[str, Any]], repeat: int) -> str:
+    text = (f"a set of {sub[0].get('set_size')} messages, {sub[0]['concurrency']} sessions")
+    if repeat > 1:
+        text += f"; the median of {repeat} rounds by e2e/s, with the range over the rounds"
+    return text
+
+
 def text_report(data: dict[str, Any]) -> str:
     lines = []
     rows = data["results"]
+    repeat = int(data["args"].get("repeat", 1))
+    cols = columns(repeat)
     for size in data["args"]["sizes"]:
         sub = [r for r in rows if r["size"] == size]
         if not sub:
             continue
         mean = sub[0]["mean_kib"]
-        lines.append(f"\n--- size {size} (mean {mean} KiB): a set of {sub[0].get('set_size')} "
-                     f"messages, sent more than once where --min-time asked for it; "
-                     f"{sub[0]['concurrency']} concurrent sessions; CPU in ms per message ---")
+        lines.append(f"\n--- size {size} (mean {mean} KiB): {_size_heading(sub, repeat)}; "
+                     f"the set sent more than once where --min-time asked for it; "
+                     f"CPU in ms per message ---")
         lines.append(" ".join(f"{h:>{w}}" if i else f"{h:<{w}}"
-                              for i, (h, _k, w, _d) in enumerate(COLUMNS)))
-        for r in sub:
+                              for i, (h, _k, w, _d) in enumerate(cols)))
+        for r in summarise(sub):
             cells = []
-            for i, (_h, k, w, d) in enumerate(COLUMNS):
-                v = r.get(k)
-                s = _fmt(v, d) if isinstance(v, float) else _fmt(v)
+            for i, (_h, k, w, d) in enumerate(cols):
+                s = _cell(r.get(k), d, "..")
                 cells.append(f"{s:<{w}}" if i == 0 else f"{s:>{w}}")
             flag = "  <-- " + "; ".join(r["problems"]) if r.get("problems") else ""
             lines.append(" ".join(cells) + flag)
     if data["ratios"]:
-        lines.append("\n--- ratios (e2e msg/s unless stated) ---")
+        lines.append("\n--- ratios (e2e msg/s unless stated)"
+                     + (f"; median of {repeat} rounds (min..max)" if repeat > 1 else "")
+                     + " ---")
         for name, entry in data["ratios"].items():
-            parts = [f"{RATIO_NAMES.get(k, k)} {v:.2f}" for k, v in entry.items()
-                     if k in RATIO_NAMES]
+            parts = [f"{RATIO_NAMES[k]} {_ratio_text(entry, k, '..')}" for k in RATIO_NAMES
+                     if k in entry]
             lines.append(f"{name:<26} " + ", ".join(parts))
     if data["skipped"]:
         lines.append("\n--- skipped ---")
@@ -1107,6 +1322,8 @@ def text_report(data: dict[str, Any]) -> str:
 
 
 def markdown_report(data: dict[str, Any]) -> str:
+    repeat = int(data["args"].get("repeat", 1))
+    cols = columns(repeat)
     out = [f"# MilterMonkey benchmark, {data['started']}", "",
            f"Command: `{data['command']}`", "",
            f"Machine: {data['machine']['cpu']} x {data['machine']['cores']}, "
@@ -1116,27 +1333,32 @@ def markdown_report(data: dict[str, Any]) -> str:
            "CPU columns are milliseconds of CPU per message (milter processes incl. children; "
            "clamd+spamd; Postfix; the load client). RSS is the milter's peak, summed over its "
            "processes. busy% is the whole machine (other load included).", ""]
+    if repeat > 1:
+        out += [f"Each size was measured in {repeat} interleaved rounds. A row is the "
+                "contender's median round by e2e/s; the ranges are the min and max over the "
+                "rounds. Ratios are taken within each round; the table shows their median and, "
+                "in brackets, their min and max.", ""]
     rows = data["results"]
     for size in data["args"]["sizes"]:
         sub = [r for r in rows if r["size"] == size]
         if not sub:
             continue
-        out += [f"## {size} (mean {sub[0]['mean_kib']} KiB, a set of {sub[0].get('set_size')} "
-                f"messages, {sub[0]['concurrency']} sessions)", ""]
-        out.append("| " + " | ".join(h for h, *_ in COLUMNS) + " | problems |")
-        out.append("|" + "---|" * (len(COLUMNS) + 1))
-        for r in sub:
-            cells = [(_fmt(r.get(k), d) if isinstance(r.get(k), float) else _fmt(r.get(k)))
-                     for _h, k, _w, d in COLUMNS]
+        out += [f"## {size} (mean {sub[0]['mean_kib']} KiB, {_size_heading(sub, repeat)})", ""]
+        out.append("| " + " | ".join(h for h, *_ in cols) + " | problems |")
+        out.append("|" + "---|" * (len(cols) + 1))
+        for r in summarise(sub):
+            cells = [_cell(r.get(k), d, EN_DASH) for _h, k, _w, d in cols]
             out.append("| " + " | ".join(cells) + " | " + ("; ".join(r.get("problems") or [])
                                                         or "") + " |")
         out.append("")
     if data["ratios"]:
-        out += ["## Ratios", "", "| what | " + " | ".join(RATIO_NAMES.values()) + " |",
-                "|" + "---|" * (len(RATIO_NAMES) + 1)]
+        # only the columns this run has values for
+        used = [k for k in RATIO_NAMES if any(k in e for e in data["ratios"].values())]
+        out += ["## Ratios", "", "| what | " + " | ".join(RATIO_NAMES[k] for k in used) + " |",
+                "|" + "---|" * (len(used) + 1)]
         for name, entry in data["ratios"].items():
             out.append(f"| {name} | " + " | ".join(
-                f"{entry[k]:.2f}" if k in entry else "" for k in RATIO_NAMES) + " |")
+                _ratio_text(entry, k, EN_DASH) if k in entry else "" for k in used) + " |")
         out.append("")
     if data["checks"]:
         out += ["## Functional checks", ""]
@@ -1203,6 +1425,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="comma list of 2k, 50k, 1m, mix (default all; --quick 2k)")
     ap.add_argument("--contenders", default=None,
                     help="comma list (default all); prefix a name with - to leave it out")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds per size: the contenders are measured in turn, N times over "
+                    "(1); the tables show each one's median round and the range")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: 30 messages of 2k, short memory tests, 10 MB big message")
     ap.add_argument("--warmup", type=int, default=None,
@@ -1226,6 +1451,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="where the JSON and Markdown go (default bench-results/)")
     a = ap.parse_args(argv)
     a.count = a.count or (30 if a.quick else 200)
+    if a.repeat < 1:
+        ap.error("--repeat must be at least 1")
     a.sizes = [s.strip() for s in (a.sizes or ("2k" if a.quick else "2k,50k,1m,mix"))
                .split(",") if s.strip()]
     for s in a.sizes:
@@ -1304,8 +1531,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         outdir = Path(args.results_dir)
         outdir.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-        (outdir / f"bench-{stamp}.json").write_text(json.dumps(data, indent=2) + "\n")
-        (outdir / f"bench-{stamp}.md").write_text(markdown_report(data) + "\n")
+        (outdir / f"bench-{stamp}.json").write_text(json.dumps(data, indent=2) + "\n",
+                                                    encoding="utf-8")
+        (outdir / f"bench-{stamp}.md").write_text(markdown_report(data) + "\n",
+                                                  encoding="utf-8")
         log(f"results: {outdir}/bench-{stamp}.json and .md")
     problems = [p for r in bench.results for p in r.get("problems", [])]
     if problems:
