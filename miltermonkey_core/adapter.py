@@ -124,10 +124,19 @@ class Plan:
         if self.macros:
             actions |= Milter.SETSYMLIST
         self.actions = actions
+        self._allowed: dict[int, frozenset[str]] = {}
         self.read_macros = {
             stage: tuple(dict.fromkeys((*CORE_MACROS.get(stage, ()), *needs.macros.get(stage, ()))))
             for stage in CORE_MACROS
         }
+
+    def allowed(self, actions: int) -> frozenset[str]:
+        """The capabilities that negotiated ``actions`` grant, as the context checks them."""
+        found = self._allowed.get(actions)
+        if found is None:
+            found = frozenset(c for c, f in CAPABILITY_FLAGS.items() if f & actions)
+            self._allowed[actions] = found
+        return found
 
     def protocol(self, offered: int) -> int:
         """The NO*/NR* bits to ask for, out of those the MTA offered."""
@@ -396,7 +405,7 @@ class MilterAdapter:
             session = gen.engine.session()
             conn = Conn(ctx, session, gen)
             conn.actions = gen.plan.actions
-            conn.allowed = frozenset(c for c, f in CAPABILITY_FLAGS.items() if f & conn.actions)
+            conn.allowed = gen.plan.allowed(conn.actions)
             ctx.setpriv(conn)
         except BaseException:
             gen.release()
@@ -453,7 +462,7 @@ class MilterAdapter:
             log.error("the MTA does not offer actions %s that configured brains need; "
                       "those edits will be refused", ", ".join(sorted(names)) or hex(missing))
         conn.actions = want & actions_offered
-        conn.allowed = frozenset(c for c, f in CAPABILITY_FLAGS.items() if f & conn.actions)
+        conn.allowed = plan.allowed(conn.actions)
         proto = plan.protocol(proto_offered)
         conn.noreply = proto
         opts[0] = conn.actions

@@ -556,6 +556,9 @@ class Daemon:
         d = gen.daemon
         start = time.monotonic()
         deadline = start + float(d.eom_timeout)
+        if not gen.engine.chain.blocking:
+            # every brain is pure computation and runs here: no pool, no progress
+            return session.eom(allowed, deadline=deadline)
         interval = float(d.progress_interval)
         last_progress = [start]
         qid = session.qid

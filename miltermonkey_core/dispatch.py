@@ -36,6 +36,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import attrs
@@ -48,6 +49,9 @@ from miltermonkey_core.logs import ROOT
 from miltermonkey_core.model import Message
 from miltermonkey_core.monkey import Monkey
 from miltermonkey_core.verdict import Action, Reply, Verdict
+
+#: Stands in for the chain's lock when no brain runs off the caller's thread.
+_NO_LOCK: AbstractContextManager[Any] = nullcontext()
 
 log = logging.getLogger(f"{ROOT}.dispatch")
 
@@ -275,7 +279,7 @@ class GuardedContext:
 
     __slots__ = ("_brain", "_ctx", "_live", "_lock")
 
-    def __init__(self, ctx: MilterContext, brain: str, lock: threading.RLock) -> None:
+    def __init__(self, ctx: MilterContext, brain: str, lock: AbstractContextManager[Any]) -> None:
         object.__setattr__(self, "_ctx", ctx)
         object.__setattr__(self, "_brain", brain)
         object.__setattr__(self, "_lock", lock)
@@ -322,6 +326,13 @@ class Chain:
         for slot in self.slots:
             if not slot.impls:
                 slot.impls = _impls_of(pm, slot) if pm else _direct_impls(slot.brain)
+        # Worked out once: every MTA callback asks, and brains are fixed per chain.
+        self._by_hook = {hook: [s for s in self.slots if s.implements(hook)]
+                         for hook in hookspecs.HOOKS}
+        #: True when some brain's eom_process blocks and so must run on the
+        #: worker pool under a guard; False lets the daemon call them inline.
+        self.blocking = any(getattr(s.brain, "blocking", True)
+                            for s in self._by_hook["eom_process"])
 
     @property
     def names(self) -> list[str]:
@@ -342,7 +353,7 @@ class Chain:
         return total
 
     def implemented(self, hook: str) -> bool:
-        return any(s.implements(hook) for s in self.slots)
+        return bool(self._by_hook[hook])
 
     # --- per-stage hooks --------------------------------------------------------
 
@@ -354,8 +365,8 @@ class Chain:
         A brain answering ``Verdict.skip()`` joins ``skipped``.  The monkey
         argument is filled per brain.
         """
-        for slot in self.slots:
-            if slot.name in skipped or not slot.implements(hook):
+        for slot in self._by_hook[hook]:
+            if slot.name in skipped:
                 continue
             try:
                 v = slot.call(hook, monkey=slot.monkey, **kwargs)
@@ -389,9 +400,7 @@ class Chain:
 
     def notify(self, hook: str, qid: str, **kwargs: Any) -> None:
         """Call a clean-up hook (abort, close) on every brain; errors are only logged."""
-        for slot in self.slots:
-            if not slot.implements(hook):
-                continue
+        for slot in self._by_hook[hook]:
             try:
                 slot.call(hook, monkey=slot.monkey, **kwargs)
             except Exception as e:
@@ -418,7 +427,9 @@ class Chain:
         results: list[BrainResult] = []
         tagged: list[str] = []
         qid = message.id
-        lock = threading.RLock()
+        # The lock serialises a guarded brain's late writes against the
+        # chain's rollback; brains that run inline cannot write late.
+        lock: AbstractContextManager[Any] = threading.RLock() if self.blocking else _NO_LOCK
         for slot in self.slots:
             if slot.name in skip:
                 results.append(BrainResult(slot.name, "skipped"))
@@ -485,7 +496,7 @@ class Chain:
         slot: BrainSlot,
         message: Message,
         ctx: MilterContext,
-        lock: threading.RLock,
+        lock: AbstractContextManager[Any],
         run: Invoker,
         qid: str,
     ) -> tuple[str, str]:

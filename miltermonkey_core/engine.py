@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
 import time
 from typing import Any, Protocol
 
@@ -108,7 +107,6 @@ class Session:
         self.message: Message | None = None
         self.message_skips: set[str] = set()
         self.last_activity = time.monotonic()
-        self.lock = threading.Lock()
         self.closed = False
         self._oversize = False
         #: Headers received so far, appended in O(1); ``message.headers`` is
