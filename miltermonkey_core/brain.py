@@ -43,6 +43,10 @@ class Needs:
     macros: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
     #: Also receive recipients the MTA already rejected (SMFIP_RCPT_REJ).
     rejected_recipients: bool = False
+    #: Fill ``message.connection`` (client name and address, connect-stage
+    #: macros).  A brain that never reads it may say False: when no brain
+    #: needs it, the MTA's connect step is answered without entering Python.
+    connection: bool = True
 
     def __or__(self, other: Needs) -> Needs:
         macros: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in self.macros.items()}
@@ -55,11 +59,12 @@ class Needs:
             actions=self.actions | other.actions,
             macros=macros,
             rejected_recipients=self.rejected_recipients or other.rejected_recipients,
+            connection=self.connection or other.connection,
         )
 
     @classmethod
     def nothing(cls) -> Needs:
-        return cls(envelope=False, headers=False, body=False)
+        return cls(envelope=False, headers=False, body=False, connection=False)
 
 
 @attrs.frozen

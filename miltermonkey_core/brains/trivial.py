@@ -2,8 +2,9 @@
 
 The seed's "milter that doesn't actually do very much".  It proves the
 pipeline end to end and is the floor of the framework's overhead in
-benchmarks: it needs neither the envelope, the headers nor the body, so
-the daemon negotiates all of those away.
+benchmarks: it needs neither the connection, the envelope, the headers nor
+the body, so the daemon negotiates all of those away (or, over TCP, lets
+libmilter answer the connect step without entering Python).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class TrivialBrain(Brain):
     """Adds one header to every message."""
 
     Options = TrivialOptions
-    needs = Needs(envelope=False, headers=False, body=False,
+    needs = Needs(envelope=False, headers=False, body=False, connection=False,
                   actions=frozenset({Capability.ADD_HEADERS}))
     description = "adds one header to every message (pipeline check, benchmark floor)"
     blocking = False

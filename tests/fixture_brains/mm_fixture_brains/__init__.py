@@ -49,6 +49,10 @@ class FaultBrain(Brain):
 class StampOptions:
     header: str = "X-Stamp"
     value: str = "stamped"
+    #: Also add ``X-Stamp-Client: <client address>`` (read at end of message).
+    show_client: bool = False
+    #: Ask for this macro at the DATA stage and add ``X-Stamp-Macro: <value>``.
+    data_macro: str = ""
 
 
 class StampBrain(Brain):
@@ -58,9 +62,18 @@ class StampBrain(Brain):
     needs = Needs(envelope=True, headers=True, body=True,
                   actions=frozenset({Capability.ADD_HEADERS}))
 
+    def __init__(self, options: StampOptions, monkey: Monkey, name: str | None = None) -> None:
+        super().__init__(options, monkey, name)
+        if options.data_macro:
+            self.needs = attrs.evolve(self.needs, macros={"data": (options.data_macro,)})
+
     @hookimpl
     def eom_process(self, message: Message, ctx: MilterContext, monkey: Monkey) -> None:
         ctx.add_header(self.options.header, f"{self.name}:{self.options.value}")
+        if self.options.show_client:
+            ctx.add_header("X-Stamp-Client", message.connection.address or "-")
+        if self.options.data_macro:
+            ctx.add_header("X-Stamp-Macro", message.macros.get(self.options.data_macro, "-"))
 
 
 @attrs.frozen(kw_only=True)
