@@ -27,9 +27,18 @@ else:  # pragma: no cover - exercised on 3.11
 ENTRY_POINT_GROUP = "miltermonkey.brains"
 
 
+#: Every brain seen by any scan in this process.  The daemon scans as root
+#: before it switches to ``user``; after the switch the installation may
+#: not be readable (a 0700 virtualenv), and a scan then finds nothing.  The
+#: brains found earlier stay known: their modules are already imported.
+_seen: dict[str, EntryPoint] = {}
+
+
 def installed_brains() -> dict[str, EntryPoint]:
     """Every brain any installed distribution registers, by entry-point name."""
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    _seen.update(found)
+    return {**_seen, **found}
 
 
 def load_brain_class(use: str) -> type[Brain]:
