@@ -689,6 +689,11 @@ class Daemon:
             self.socket_ident = socket_identity(sock.path)
         else:
             set_nodelay_on_listeners()
+            if self.use_noreply:
+                log.warning("noreply = \"always\" over TCP: steps the MTA sends without "
+                            "waiting for an answer stall on Nagle's algorithm and its "
+                            "delayed ACK (about 40 ms a message); use a UNIX socket or "
+                            "noreply = \"auto\"")
 
     def _remove_socket(self) -> None:
         if self.socket.family == "unix":

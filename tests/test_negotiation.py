@@ -79,3 +79,13 @@ def test_connection_and_data_macros_reach_a_brain_at_end_of_message(
     # asked for at DATA (setsymlist), read at end of message
     assert result.negotiated.macro_lists.get(mp.SMFIM_DATA) == ("i", "{bench_tag}")
     assert result.applied.header_values("X-Stamp-Macro") == ["tag-at-data"]
+
+
+@pytest.mark.parametrize("unix", [False, True], ids=["tcp", "unix"])
+def test_noreply_always_over_tcp_is_warned_about(tmp_path: Path, unix: bool) -> None:
+    with MonkeyProcess(tmp_path, [{"use": "trivial"}], {"noreply": "always"}, unix=unix) as m:
+        m.wait_for_log("is serving")
+        result, _ = transaction(m)
+        log = m.log()
+    assert result.accepted
+    assert ("stall on Nagle's algorithm" in log) is (not unix)
