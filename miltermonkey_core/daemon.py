@@ -50,11 +50,11 @@ from miltermonkey_core.adapter import (
     set_nodelay_on_listeners,
     wait_with_progress,
 )
-from miltermonkey_core.dispatch import BrainSlot, BrainTimeout, configure_slots
-from miltermonkey_core.engine import Decision, Engine, EngineSettings, Session
+from miltermonkey_core.dispatch import BrainSlot, BrainTimeout
+from miltermonkey_core.engine import Decision, Engine, Session
 from miltermonkey_core.errors import MonkeyError
 from miltermonkey_core.logs import ROOT, queue_id, setup_logging
-from miltermonkey_core.monkey import Monkey
+from miltermonkey_core.runner import build_engine
 
 __all__ = [
     "RESTART_ONLY",
@@ -414,25 +414,6 @@ def remove_pidfile(path: str | None) -> None:
 
 
 # --- building a configuration -----------------------------------------------------------------
-
-
-def build_engine(config: Any) -> Engine:
-    """The engine for ``config``: brains built, policies, timeouts and breakers set."""
-    from miltermonkey_core.plugins import build_chain
-
-    d = config.daemon
-    monkey = Monkey.from_config(d, config)
-    key = None
-    if d.milter_key:
-        from miltermonkey_core.milterkey import KeyService
-
-        key = KeyService.from_config(config)
-    chain = build_chain(config, monkey)
-    configure_slots(chain, config)
-    return Engine(chain, monkey,
-                  EngineSettings(spool_threshold=d.spool_threshold, tmpdir=d.tmpdir,
-                                 max_message_size=d.max_message_size),
-                  key=key)
 
 
 def preload(config: Any) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 
 from miltermonkey_core.context import Capability, MilterContext, ReplaceBody
-from miltermonkey_core.dispatch import BrainResult, Chain
+from miltermonkey_core.dispatch import BrainResult, Chain, configure_slots
 from miltermonkey_core.engine import Decision, Engine, EngineSettings
 from miltermonkey_core.logs import ROOT, queue_id
 from miltermonkey_core.model import Connection, message_from_bytes
@@ -157,7 +157,11 @@ def run_after_accept(ctx: MilterContext, qid: str) -> None:
 
 
 def build_engine(config: Any) -> Engine:
-    """An engine for ``config`` exactly as the daemon would build it."""
+    """The engine for ``config``: brains built, policies, timeouts and breakers set.
+
+    The daemon builds every configuration generation with this, and
+    ``miltermonkey try`` its offline run, so both judge mail the same way.
+    """
     from miltermonkey_core.plugins import build_chain
 
     d = config.daemon
@@ -168,6 +172,7 @@ def build_engine(config: Any) -> Engine:
 
         key = KeyService.from_config(config)
     chain = build_chain(config, monkey)
+    configure_slots(chain, config)
     return Engine(chain, monkey,
                   EngineSettings(spool_threshold=d.spool_threshold, tmpdir=d.tmpdir,
                                  max_message_size=d.max_message_size), key=key)
