@@ -14,19 +14,15 @@ import pytest
 
 from miltermonkey_core.logs import SUMMARY_LEVEL
 from miltermonkey_core.testing.daemon import MonkeyProcess
-from miltermonkey_core.testing.mta import MilterClient, SessionResult
+from miltermonkey_core.testing.mta import MessageSpec, SessionResult, run_session
 
 BRAINS = [{"use": "gate"}, {"use": "trivial"}]
 
 
 def send(m: MonkeyProcess, body: bytes, qid: str) -> SessionResult:
     raw = b"From: a@example.test\r\nSubject: log test\r\n\r\n" + body
-    with MilterClient(m.address) as client:
-        client.negotiate()
-        result = client.send_message(raw, "<a@example.test>", ["<b@example.test>"],
-                                     queue_id=qid)
-        client.quit()
-    return result
+    spec = MessageSpec(raw, "<a@example.test>", ["<b@example.test>"], queue_id=qid)
+    return run_session(m.address, [spec])[0]
 
 
 @pytest.mark.parametrize("level", [SUMMARY_LEVEL - 1, SUMMARY_LEVEL, 10])

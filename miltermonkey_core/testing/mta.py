@@ -838,6 +838,8 @@ class MessageSpec:
     macros: Mapping[str, Mapping[str, str]] | None = None
     mail_args: Sequence[str] = ()
     rcpt_args: Sequence[str] = ()
+    #: Postfix's queue id for the message (macro ``i``); random when None.
+    queue_id: str | None = None
 
 
 @attrs.define
@@ -1720,6 +1722,7 @@ def run_session(
                     helo=helo,
                     mail_args=spec.mail_args,
                     rcpt_args=spec.rcpt_args,
+                    queue_id=spec.queue_id,
                 )
             )
         client.quit()
