@@ -345,11 +345,11 @@ class Chain:
             total = total | s.brain.needs
             # a brain that implements a streaming hook needs that stage's data
             if s.implements("header") or s.implements("eoh"):
-                total = total | Needs(envelope=False, headers=True, body=False, connection=False)
+                total = total | attrs.evolve(Needs.nothing(), headers=True)
             if s.implements("body"):
-                total = total | Needs(envelope=False, headers=False, body=True, connection=False)
+                total = total | attrs.evolve(Needs.nothing(), body=True)
             if s.implements("envfrom") or s.implements("envrcpt"):
-                total = total | Needs(envelope=True, headers=False, body=False, connection=False)
+                total = total | attrs.evolve(Needs.nothing(), envelope=True)
         return total
 
     def implemented(self, hook: str) -> bool:

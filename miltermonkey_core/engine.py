@@ -80,13 +80,12 @@ class Engine:
 
     def needs(self) -> Needs:
         """What to negotiate: the brains' union plus what the core itself needs."""
-        n = self.chain.needs() | Needs(envelope=False, headers=False, body=False,
-                                       connection=False,
-                                       actions=frozenset({Capability.ADD_HEADERS}))
+        n = self.chain.needs() | attrs.evolve(Needs.nothing(),
+                                              actions=frozenset({Capability.ADD_HEADERS}))
         if self.key is not None:
-            n = n | Needs(envelope=False, headers=True, body=True, connection=False,
-                          actions=frozenset({Capability.ADD_HEADERS,
-                                             Capability.CHANGE_HEADERS}))
+            n = n | attrs.evolve(Needs.nothing(), headers=True, body=True,
+                                 actions=frozenset({Capability.ADD_HEADERS,
+                                                    Capability.CHANGE_HEADERS}))
         return n
 
     def session(self, connection: Connection | None = None) -> Session:
