@@ -1,18 +1,35 @@
 """MilterMonkey: many mail filters ("brains") in one milter, run in configured order.
 
-The public API for brain authors is what this module exports; everything
-else is internal and may change.
+The public API for brain authors is what this module exports, and the
+shipped brains import nothing else of the core; everything else is internal
+and may change.
 """
 
-from miltermonkey_core.brain import Brain, Needs, NoOptions
-from miltermonkey_core.context import Capability, MilterContext
+from miltermonkey_core.contract.brain import Brain, Needs, NoOptions
+from miltermonkey_core.contract.context import MilterContext
+from miltermonkey_core.contract.edits import Capability, check_header_name, safe_header_value
+from miltermonkey_core.contract.hookspecs import hookimpl
+from miltermonkey_core.contract.model import (
+    Address,
+    Body,
+    Connection,
+    Envelope,
+    Header,
+    Headers,
+    Message,
+)
+from miltermonkey_core.contract.monkey import Monkey, NoticeError
+from miltermonkey_core.contract.options import (
+    duration_converter,
+    parse_duration,
+    parse_size,
+    size_converter,
+)
+from miltermonkey_core.contract.verdict import Action, Reply, Verdict
 from miltermonkey_core.errors import ConfigError, MonkeyError
-from miltermonkey_core.hookspecs import hookimpl
-from miltermonkey_core.model import Address, Body, Connection, Envelope, Header, Headers, Message
-from miltermonkey_core.monkey import Monkey
-from miltermonkey_core.verdict import Action, Reply, Verdict
+from miltermonkey_core.logs import current_queue_id
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Action",
@@ -31,8 +48,16 @@ __all__ = [
     "MonkeyError",
     "Needs",
     "NoOptions",
+    "NoticeError",
     "Reply",
     "Verdict",
     "__version__",
+    "check_header_name",
+    "current_queue_id",
+    "duration_converter",
     "hookimpl",
+    "parse_duration",
+    "parse_size",
+    "safe_header_value",
+    "size_converter",
 ]

@@ -3,20 +3,22 @@
 pluggy calls the last registered implementation first and its entry-point
 loader walks distributions in installation order, so neither can give the
 order the admin wrote.  Here pluggy validates hook signatures and markers;
-the order and the isolation of calls belong to :mod:`miltermonkey_core.dispatch`.
+the order and the isolation of calls belong to the engine
+(:mod:`miltermonkey_core.engine.chain`).
 """
 
 from __future__ import annotations
 
 import inspect
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
 import pluggy
 
-from miltermonkey_core import hookspecs
-from miltermonkey_core.brain import Brain
+from miltermonkey_core.contract import hookspecs
+from miltermonkey_core.contract.brain import Brain
 from miltermonkey_core.errors import BrainLoadError
 
 if sys.version_info >= (3, 12):
@@ -140,44 +142,19 @@ def register(pm: pluggy.PluginManager, brain: Brain, name: str) -> None:
         raise BrainLoadError(f"brain {name!r} does not fit the brain contract: {e}") from e
 
 
-def build_chain(config: Any, monkey: Any) -> Any:
-    """Load, configure and register the brains ``config`` lists, in its order.
+def detect_local_engines(installed: Mapping[str, EntryPoint] | None = None) -> dict[str, Any]:
+    """Options for each installed brain that found its engine answering on this machine.
 
-    Returns a :class:`~miltermonkey_core.dispatch.Chain`.  Option errors are
-    raised as ConfigError naming the brain's table, from the config module.
+    Only for the embedded default: each brain class's
+    :meth:`~miltermonkey_core.Brain.detect_local` is asked, in brain-name
+    order; a brain that fails to import or to probe is left out.
     """
-    from miltermonkey_core.config import build_brain_options, effective_on_error
-    from miltermonkey_core.dispatch import BrainSlot, Chain
-
-    pm = new_plugin_manager()
-    slots = []
-    daemon = config.daemon
-    try:
-        for entry in config.brains:
-            cls = load_brain_class(entry.use)
-            options = build_brain_options(cls, entry, config)
-            bmonkey = monkey.for_brain(entry.name)
-            try:
-                brain = cls(options, bmonkey, entry.name)
-            except Exception as e:
-                raise BrainLoadError(
-                    f"brain {entry.name!r} ({entry.use}) failed to start: "
-                    f"{type(e).__name__}: {e}"
-                ) from e
-            register(pm, brain, entry.name)
-            slots.append(BrainSlot(
-                name=entry.name,
-                use=entry.use,
-                brain=brain,
-                monkey=bmonkey,
-                on_error=effective_on_error(entry, cls, daemon),
-                timeout=entry.timeout,
-                evaluation=entry.evaluation,
-                skip_if_key=entry.skip_if_key,
-                expiration=entry.expiration,
-            ))
-    except BaseException:
-        for s in slots:
-            s.brain.close_brain()
-        raise
-    return Chain(slots, pm)
+    found: dict[str, Any] = {}
+    for name in sorted(installed if installed is not None else installed_brains()):
+        try:
+            options = load_brain_class(name).detect_local()
+        except Exception:  # noqa: S112 - a broken brain simply is not detected
+            continue
+        if options is not None:
+            found[name] = dict(options)
+    return found

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import attrs
 
-from miltermonkey_core.brain import Brain, Needs
-from miltermonkey_core.context import Capability, MilterContext, check_header_name
-from miltermonkey_core.hookspecs import hookimpl
-from miltermonkey_core.model import Message
-from miltermonkey_core.monkey import Monkey
+from miltermonkey_core import (
+    Brain,
+    Capability,
+    Message,
+    MilterContext,
+    Monkey,
+    Needs,
+    check_header_name,
+    hookimpl,
+)
 
 
 def _header_name(_inst: object, _attr: attrs.Attribute[str], value: str) -> None:

@@ -23,10 +23,10 @@ the ``[[brain]]`` table and the core does not call this brain for it.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Final, Protocol
 
 from miltermonkey_av import __version__
-from miltermonkey_av.clamd import CHUNK_SIZE, ClamdPool
+from miltermonkey_av.clamd import CHUNK_SIZE, ClamdClient, ClamdPool
 from miltermonkey_av.command import CommandScanner
 from miltermonkey_av.notices import (
     RECIPIENT_NOTICE,
@@ -41,14 +41,24 @@ from miltermonkey_av.notices import (
 )
 from miltermonkey_av.options import AntiVirusOptions
 from miltermonkey_av.result import ScanResult, Status
-from miltermonkey_core.brain import Brain, Needs
-from miltermonkey_core.context import Capability, MilterContext
-from miltermonkey_core.hookspecs import hookimpl
-from miltermonkey_core.model import Message
-from miltermonkey_core.monkey import Monkey, NoticeError
+from miltermonkey_core import (
+    Brain,
+    Capability,
+    Message,
+    MilterContext,
+    Monkey,
+    Needs,
+    NoticeError,
+    hookimpl,
+)
 
 SCANNED_HEADER = "X-Virus-Scanned"
 STATUS_HEADER = "X-Virus-Status"
+
+
+#: Debian's clamd addresses, tried in order when the daemon runs on its embedded default.
+CLAMD_DEFAULTS: Final = ("unix:/run/clamav/clamd.ctl", "unix:/var/run/clamav/clamd.ctl",
+                         "tcp:127.0.0.1:3310")
 
 
 class Engine(Protocol):
@@ -146,6 +156,17 @@ class AntiVirusBrain(Brain):
         self.scanned_by = f"MilterMonkey-AV {__version__} on {self.hostname}"
         self.engine = build_engine(options, monkey)
         monkey.log(20, "av: %s; infected mail: %s", self.engine.description, self.action)
+
+    @classmethod
+    def detect_local(cls) -> dict[str, Any] | None:
+        """The first of Debian's clamd addresses that answers PING, for the embedded default."""
+        for address in CLAMD_DEFAULTS:
+            try:
+                if ClamdClient(address, connect_timeout=0.5, timeout=0.5).ping(0.5):
+                    return {"clamd": [address]}
+            except (OSError, ValueError):
+                continue
+        return None
 
     def close_brain(self) -> None:
         self.engine.close()

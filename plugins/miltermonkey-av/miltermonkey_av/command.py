@@ -39,7 +39,7 @@ import attrs
 
 from miltermonkey_av.errors import EngineReportedError, EngineUnavailable, ScanTimeout
 from miltermonkey_av.result import ScanResult, Status
-from miltermonkey_core.model import Message
+from miltermonkey_core import Message
 
 #: ``/path/file: Name FOUND`` (clamscan, clamdscan).
 CLAMAV_REGEX = r"^.*?: (?P<name>\S+) FOUND$"

@@ -9,7 +9,7 @@ accepted behind the admin's back.
 
 from __future__ import annotations
 
-from miltermonkey_core.errors import MonkeyError
+from miltermonkey_core import MonkeyError
 
 
 class ScanError(MonkeyError):

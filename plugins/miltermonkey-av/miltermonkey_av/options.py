@@ -24,7 +24,7 @@ import attrs
 
 from miltermonkey_av.clamd import ClamdAddress
 from miltermonkey_av.command import check_template, preset_for
-from miltermonkey_core.verdict import Verdict
+from miltermonkey_core import Verdict
 
 #: The seed's pattern plus the mass-mailer families that forge the sender
 #: (notifying that "sender" is backscatter to an innocent third party).

@@ -26,15 +26,21 @@ import email.utils
 import ipaddress
 import re
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Final
 
-from miltermonkey_core.brain import Brain, Needs
-from miltermonkey_core.context import Capability, MilterContext
-from miltermonkey_core.hookspecs import hookimpl
-from miltermonkey_core.logs import current_queue_id
-from miltermonkey_core.model import Address, Connection, Message
-from miltermonkey_core.monkey import Monkey
-from miltermonkey_core.verdict import Verdict
+from miltermonkey_core import (
+    Address,
+    Brain,
+    Capability,
+    Connection,
+    Message,
+    MilterContext,
+    Monkey,
+    Needs,
+    Verdict,
+    current_queue_id,
+    hookimpl,
+)
 from miltermonkey_spam import headers as hdr
 from miltermonkey_spam.options import SpamOptions
 from miltermonkey_spam.spamc import SpamcClient, SpamdError, SpamdTimeout, SpamResult
@@ -42,6 +48,10 @@ from miltermonkey_spam.spamc import SpamcClient, SpamdError, SpamdTimeout, SpamR
 #: Levels (the seed's 0-99 debug levels, logged when <= debug_level).
 LOG_VERDICT = 10  # one line per message (verdict or skip): shown with the default debug_level
 LOG_DETAIL = 50  # which server, timings
+
+
+#: Debian's spamd address, tried when the daemon runs on its embedded default.
+SPAMD_DEFAULTS: Final = ("127.0.0.1:783",)
 
 
 class SpamBrain(Brain):
@@ -52,6 +62,17 @@ class SpamBrain(Brain):
                    "reject and quarantine thresholds")
     #: A spamd outage should not stop mail: deliver, marked unchecked.
     default_on_error = "tag"
+
+    @classmethod
+    def detect_local(cls) -> dict[str, Any] | None:
+        """The first Debian spamd address that answers PING, for the embedded default."""
+        for address in SPAMD_DEFAULTS:
+            try:
+                SpamcClient([address], connect_timeout=0.5, timeout=0.5).ping()
+            except (SpamdError, OSError, ValueError):
+                continue
+            return {"servers": [address]}
+        return None
 
     def __init__(self, options: SpamOptions, monkey: Monkey, name: str | None = None) -> None:
         super().__init__(options, monkey, name or "spam")
@@ -132,7 +153,7 @@ class SpamBrain(Brain):
         return None
 
     @hookimpl
-    def helo(self, connection: Connection, helo: str, monkey: Monkey) -> Verdict | None:
+    def helo(self, connection: Connection, helo_name: str, monkey: Monkey) -> Verdict | None:
         """Nothing to decide here; implemented so the daemon asks the MTA for HELO.
 
         The HELO name goes into the Received line spamd sees; without it

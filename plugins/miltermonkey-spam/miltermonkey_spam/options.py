@@ -16,8 +16,7 @@ from typing import Any, ClassVar, Final, Literal
 
 import attrs
 
-from miltermonkey_core.context import check_header_name
-from miltermonkey_core.verdict import Reply
+from miltermonkey_core import Reply, check_header_name
 from miltermonkey_spam.spamc import SpamdAddress, check_user
 
 #: spamc's default ``-s`` limit (500 KiB): larger messages are not sent to spamd.

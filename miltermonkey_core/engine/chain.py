@@ -22,16 +22,14 @@ cannot be killed, so a brain that overran keeps running to completion on its
 thread, but what it writes afterwards is refused (:class:`GuardedContext`)
 and its result is thrown away; the brain's ``on_timeout`` policy applies.
 
-Each brain has a circuit breaker: after ``breaker_failures`` errors or
-timeouts within ``breaker_window`` seconds it opens, and for
-``breaker_cooldown`` seconds the brain is not called at all: its policy
-applies at once instead of every message waiting on a dead engine.  Then one
-message probes the brain; success closes the breaker, failure opens it again.
+Each brain has a circuit breaker (:mod:`.breaker`); a guarded brain call
+sees its context through :mod:`.guard`; brains are called through the typed
+facade of :mod:`.hooks`.
 """
 
 from __future__ import annotations
 
-import collections
+import inspect
 import logging
 import threading
 import time
@@ -42,26 +40,26 @@ from typing import Any
 import attrs
 import pluggy
 
-from miltermonkey_core import hookspecs
-from miltermonkey_core.brain import Brain, Needs
-from miltermonkey_core.context import Capability, MilterContext
+from miltermonkey_core.config.schema import ON_ERROR_POLICIES
+from miltermonkey_core.contract import hookspecs
+from miltermonkey_core.contract.brain import Brain, Needs
+from miltermonkey_core.contract.context import MilterContext
+from miltermonkey_core.contract.model import Address, Connection, Header, Message
+from miltermonkey_core.contract.monkey import Monkey
+from miltermonkey_core.contract.verdict import Action, Reply, Verdict
+from miltermonkey_core.engine.breaker import CircuitBreaker
+from miltermonkey_core.engine.guard import GuardedContext
+from miltermonkey_core.engine.hooks import BrainHooks, HookImpl
 from miltermonkey_core.logs import ROOT
-from miltermonkey_core.model import Message
-from miltermonkey_core.monkey import Monkey
-from miltermonkey_core.verdict import Action, Reply, Verdict
 
 #: Stands in for the chain's lock when no brain runs off the caller's thread.
 _NO_LOCK: AbstractContextManager[Any] = nullcontext()
 
 log = logging.getLogger(f"{ROOT}.dispatch")
 
-POLICIES = ("tempfail", "reject", "accept", "tag", "mta")
+#: The failure policies, as the configuration names them.
+POLICIES = ON_ERROR_POLICIES
 UNCHECKED_HEADER = "X-MilterMonkey-Unchecked"
-
-#: Circuit breaker defaults (per brain): failures within window open it for cooldown.
-DEFAULT_BREAKER_FAILURES = 5
-DEFAULT_BREAKER_WINDOW = 60.0
-DEFAULT_BREAKER_COOLDOWN = 30.0
 
 
 @attrs.frozen
@@ -102,109 +100,6 @@ class BrainResult:
     detail: str = ""
 
 
-# --- circuit breaker ---------------------------------------------------------------------
-
-
-class CircuitBreaker:
-    """Counts a brain's failures; open means "do not call it, apply the policy now".
-
-    ``failures = 0`` disables it.  Thread-safe: all messages of the daemon
-    share one breaker per configured brain.
-    """
-
-    def __init__(
-        self,
-        failures: int = 0,
-        window: float = DEFAULT_BREAKER_WINDOW,
-        cooldown: float = DEFAULT_BREAKER_COOLDOWN,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.failures = max(0, failures)
-        self.window = window
-        self.cooldown = cooldown
-        self.clock = clock
-        self.last_kind = "error"
-        self.opened = 0  # how many times it opened, for logs and tests
-        self._times: collections.deque[float] = collections.deque()
-        self._opened_at: float | None = None
-        self._probing = False
-        self._lock = threading.Lock()
-
-    @property
-    def enabled(self) -> bool:
-        return self.failures > 0
-
-    @property
-    def state(self) -> str:
-        with self._lock:
-            if self._opened_at is None:
-                return "closed"
-            if self.clock() - self._opened_at < self.cooldown:
-                return "open"
-            return "half-open"
-
-    def allow(self) -> bool:
-        """May the brain be called?  In half-open state only one caller probes."""
-        if not self.enabled:
-            return True
-        with self._lock:
-            if self._opened_at is None:
-                return True
-            if self.clock() - self._opened_at < self.cooldown or self._probing:
-                return False
-            self._probing = True
-            return True
-
-    def success(self) -> bool:
-        """Record a good call; returns True when this closed an open breaker.
-
-        Successes do not erase failures while closed: N failures within the
-        window open it even if good calls came in between (a half-dead
-        engine is still mostly dead for the mail that meets it).
-        """
-        if not self.enabled:
-            return False
-        with self._lock:
-            if self._opened_at is None:
-                return False
-            self._times.clear()
-            self._opened_at = None
-            self._probing = False
-            return True
-
-    def failure(self, kind: str) -> bool:
-        """Record an error or timeout; returns True when this opened the breaker."""
-        if not self.enabled:
-            return False
-        now = self.clock()
-        with self._lock:
-            self.last_kind = kind
-            if self._opened_at is not None:
-                if self._probing:  # the probe failed: another cool-down
-                    self._probing = False
-                    self._opened_at = now
-                    self.opened += 1
-                    return True
-                return False
-            self._times.append(now)
-            while self._times and now - self._times[0] > self.window:
-                self._times.popleft()
-            if len(self._times) >= self.failures:
-                self._times.clear()
-                self._opened_at = now
-                self.opened += 1
-                return True
-            return False
-
-    def abort_probe(self) -> None:
-        """A probe that never ran (no time left): let another message probe."""
-        with self._lock:
-            self._probing = False
-
-
-# --- brains and the chain ----------------------------------------------------------------
-
-
 @attrs.define
 class BrainSlot:
     """One configured brain: its instance, options and policies."""
@@ -218,21 +113,24 @@ class BrainSlot:
     evaluation: bool = False
     skip_if_key: bool = False
     expiration: int | None = None
-    impls: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = attrs.field(factory=dict)
     #: Policy when ``eom_process`` overruns ``timeout``; None: ``on_error``.
     on_timeout: str | None = None
-    breaker: CircuitBreaker = attrs.field(factory=CircuitBreaker)
+    breaker: CircuitBreaker = attrs.field(factory=CircuitBreaker.disabled)
+    #: The brain's hooks, bound by the :class:`Chain` that holds this slot.
+    hooks: BrainHooks | None = None
 
     @property
     def timeout_policy(self) -> str:
         return self.on_timeout or self.on_error
 
-    def implements(self, hook: str) -> bool:
-        return hook in self.impls
+    @property
+    def call(self) -> BrainHooks:
+        """The brain's hooks, one typed method each."""
+        assert self.hooks is not None, "a slot is bound to its hooks by its Chain"
+        return self.hooks
 
-    def call(self, hook: str, **kwargs: Any) -> Any:
-        fn, argnames = self.impls[hook]
-        return fn(*[kwargs[a] for a in argnames])
+    def implements(self, hook: str) -> bool:
+        return self.hooks is not None and hook in self.hooks.implemented
 
 
 @attrs.define
@@ -255,10 +153,6 @@ class BrainTimeout(Exception):
         self.counts = counts
 
 
-class BrainAbandoned(RuntimeError):
-    """A brain wrote to its context after the chain stopped waiting for it."""
-
-
 #: Runs one brain's ``eom_process`` (``call``) with a time limit in seconds (0: none).
 Invoker = Callable[[BrainSlot, Callable[[], None], float], None]
 
@@ -266,54 +160,6 @@ Invoker = Callable[[BrainSlot, Callable[[], None], float], None]
 def direct_invoke(slot: BrainSlot, call: Callable[[], None], timeout: float) -> None:
     """The offline invoker: call the brain here and now, no time limit."""
     call()
-
-
-class GuardedContext:
-    """The context as one brain call sees it, until the chain stops waiting for it.
-
-    Every method call goes to the message's :class:`MilterContext` under the
-    chain's lock; once :meth:`revoke` ran (the brain returned, raised or
-    timed out) any further use raises :class:`BrainAbandoned`, so a brain
-    still running on an abandoned thread cannot edit a message that moved on.
-    """
-
-    __slots__ = ("_brain", "_ctx", "_live", "_lock")
-
-    def __init__(self, ctx: MilterContext, brain: str, lock: AbstractContextManager[Any]) -> None:
-        object.__setattr__(self, "_ctx", ctx)
-        object.__setattr__(self, "_brain", brain)
-        object.__setattr__(self, "_lock", lock)
-        object.__setattr__(self, "_live", True)
-
-    def revoke(self) -> None:
-        with self._lock:
-            object.__setattr__(self, "_live", False)
-
-    def _refuse(self, name: str) -> BrainAbandoned:
-        return BrainAbandoned(f"brain {self._brain!r} used ctx.{name} after the chain stopped "
-                              "waiting for it (timeout); the call is refused")
-
-    def __getattr__(self, name: str) -> Any:
-        if not self._live:
-            raise self._refuse(name)
-        value = getattr(self._ctx, name)
-        if not callable(value):
-            return value
-        lock = self._lock
-
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            with lock:
-                if not self._live:
-                    raise self._refuse(name)
-                return value(*args, **kwargs)
-
-        return guarded
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"the milter context has no settable attribute {name!r}")
-
-    def __repr__(self) -> str:
-        return f"<GuardedContext of {self._brain} {'live' if self._live else 'revoked'}>"
 
 
 class Chain:
@@ -324,8 +170,9 @@ class Chain:
         self.pm = pm
         self.closed = False
         for slot in self.slots:
-            if not slot.impls:
-                slot.impls = _impls_of(pm, slot) if pm else _direct_impls(slot.brain)
+            if slot.hooks is None:
+                impls = _impls_of(pm, slot) if pm else _direct_impls(slot.brain)
+                slot.hooks = BrainHooks(impls, slot.monkey)
         # Worked out once: every MTA callback asks, and brains are fixed per chain.
         self._by_hook = {hook: [s for s in self.slots if s.implements(hook)]
                          for hook in hookspecs.HOOKS}
@@ -356,20 +203,53 @@ class Chain:
         return bool(self._by_hook[hook])
 
     # --- per-stage hooks --------------------------------------------------------
+    #
+    # One typed method per hook; each walks the brains implementing it.
 
-    def call_stage(
-        self, hook: str, skipped: set[str], qid: str, **kwargs: Any
+    def connect(self, skipped: set[str], qid: str, connection: Connection) -> Verdict | None:
+        return self._stage("connect", skipped, qid, lambda h: h.connect(connection))
+
+    def helo(self, skipped: set[str], qid: str, connection: Connection,
+             helo_name: str) -> Verdict | None:
+        return self._stage("helo", skipped, qid, lambda h: h.helo(connection, helo_name))
+
+    def envfrom(self, skipped: set[str], qid: str, message: Message,
+                sender: Address) -> Verdict | None:
+        return self._stage("envfrom", skipped, qid, lambda h: h.envfrom(message, sender))
+
+    def envrcpt(self, skipped: set[str], qid: str, message: Message,
+                recipient: Address) -> Verdict | None:
+        return self._stage("envrcpt", skipped, qid, lambda h: h.envrcpt(message, recipient))
+
+    def header(self, skipped: set[str], qid: str, message: Message,
+               header: Header) -> Verdict | None:
+        return self._stage("header", skipped, qid, lambda h: h.header(message, header))
+
+    def eoh(self, skipped: set[str], qid: str, message: Message) -> Verdict | None:
+        return self._stage("eoh", skipped, qid, lambda h: h.eoh(message))
+
+    def body(self, skipped: set[str], qid: str, message: Message,
+             chunk: bytes) -> Verdict | None:
+        return self._stage("body", skipped, qid, lambda h: h.body(message, chunk))
+
+    def abort(self, qid: str, message: Message) -> None:
+        self._notify("abort", qid, lambda h: h.abort(message))
+
+    def close_session(self, qid: str, connection: Connection) -> None:
+        self._notify("close", qid, lambda h: h.close(connection))
+
+    def _stage(
+        self, hook: str, skipped: set[str], qid: str, call: Callable[[BrainHooks], object]
     ) -> Verdict | None:
         """Call ``hook`` on every brain not in ``skipped``; return the first final verdict.
 
-        A brain answering ``Verdict.skip()`` joins ``skipped``.  The monkey
-        argument is filled per brain.
+        A brain answering ``Verdict.skip()`` joins ``skipped``.
         """
         for slot in self._by_hook[hook]:
             if slot.name in skipped:
                 continue
             try:
-                v = slot.call(hook, monkey=slot.monkey, **kwargs)
+                v = call(slot.call)
             except Exception as e:
                 skipped.add(slot.name)
                 if slot.evaluation:
@@ -398,11 +278,11 @@ class Chain:
                 return v.by(slot.name)
         return None
 
-    def notify(self, hook: str, qid: str, **kwargs: Any) -> None:
+    def _notify(self, hook: str, qid: str, call: Callable[[BrainHooks], None]) -> None:
         """Call a clean-up hook (abort, close) on every brain; errors are only logged."""
         for slot in self._by_hook[hook]:
             try:
-                slot.call(hook, monkey=slot.monkey, **kwargs)
+                call(slot.call)
             except Exception as e:
                 log.exception("%s: brain %s raised in %s: %s", qid, slot.name, hook, e)
 
@@ -510,7 +390,7 @@ class Chain:
         brain_ctx: Any = guard if guard is not None else ctx
 
         def call() -> None:
-            slot.call("eom_process", message=message, ctx=brain_ctx, monkey=slot.monkey)
+            slot.call.eom_process(message, brain_ctx)
 
         breaker = slot.breaker
         try:
@@ -564,28 +444,8 @@ def _log_opened(slot: BrainSlot, qid: str) -> None:
               b.failures, b.window, b.last_kind, b.cooldown)
 
 
-def configure_slots(chain: Chain, config: Any) -> None:
-    """Set each slot's timeout policy and circuit breaker from its ``[[brain]]`` table.
-
-    Options not (yet) in the configuration take the documented defaults.
-    """
-    entries = {e.name: e for e in getattr(config, "brains", ())}
-    for slot in chain.slots:
-        entry = entries.get(slot.name)
-        if entry is None:
-            continue
-        on_timeout = getattr(entry, "on_timeout", None)
-        slot.on_timeout = on_timeout or None
-        failures = getattr(entry, "breaker_failures", DEFAULT_BREAKER_FAILURES)
-        window = getattr(entry, "breaker_window", DEFAULT_BREAKER_WINDOW)
-        cooldown = getattr(entry, "breaker_cooldown", DEFAULT_BREAKER_COOLDOWN)
-        slot.breaker = CircuitBreaker(int(failures), float(window), float(cooldown))
-
-
-def _impls_of(
-    pm: pluggy.PluginManager, slot: BrainSlot
-) -> dict[str, tuple[Callable[..., Any], tuple[str, ...]]]:
-    out: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {}
+def _impls_of(pm: pluggy.PluginManager, slot: BrainSlot) -> dict[str, HookImpl]:
+    out: dict[str, HookImpl] = {}
     for hook in hookspecs.HOOKS:
         caller = getattr(pm.hook, hook)
         for impl in caller.get_hookimpls():
@@ -594,11 +454,9 @@ def _impls_of(
     return out
 
 
-def _direct_impls(brain: Brain) -> dict[str, tuple[Callable[..., Any], tuple[str, ...]]]:
+def _direct_impls(brain: Brain) -> dict[str, HookImpl]:
     """Hook implementations without a plugin manager (unit tests of one brain)."""
-    import inspect
-
-    out: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {}
+    out: dict[str, HookImpl] = {}
     for hook in hookspecs.HOOKS:
         fn = getattr(brain, hook, None)
         if fn is None or getattr(fn, f"{hookspecs.PROJECT}_impl", None) is None:
@@ -606,11 +464,3 @@ def _direct_impls(brain: Brain) -> dict[str, tuple[Callable[..., Any], tuple[str
         names = tuple(p for p in inspect.signature(fn).parameters if p != "self")
         out[hook] = (fn, names)
     return out
-
-
-#: Capabilities the core itself needs for its own edits.
-def core_actions(milter_key: bool) -> frozenset[str]:
-    acts = {Capability.ADD_HEADERS}
-    if milter_key:
-        acts.add(Capability.CHANGE_HEADERS)
-    return frozenset(acts)

@@ -32,8 +32,8 @@ from typing import Any
 import Milter
 import milter
 
-from miltermonkey_core.brain import Needs
-from miltermonkey_core.context import (
+from miltermonkey_core.contract.brain import Needs
+from miltermonkey_core.contract.edits import (
     AddHeader,
     AddRcpt,
     Capability,
@@ -43,11 +43,11 @@ from miltermonkey_core.context import (
     InsertHeader,
     ReplaceBody,
 )
-from miltermonkey_core.dispatch import MtaDecides, policy_verdict
-from miltermonkey_core.engine import Decision, Engine, Session
+from miltermonkey_core.contract.model import Connection
+from miltermonkey_core.contract.verdict import Action, Verdict
+from miltermonkey_core.engine.chain import MtaDecides, policy_verdict
+from miltermonkey_core.engine.session import Decision, Engine, Session, run_after_accept
 from miltermonkey_core.logs import ROOT, SUMMARY_LEVEL, queue_id
-from miltermonkey_core.model import Connection
-from miltermonkey_core.verdict import Action, Verdict
 
 log = logging.getLogger(f"{ROOT}.adapter")
 
@@ -716,8 +716,6 @@ class MilterAdapter:
 def _after_accept(ctx: Any, qid: str) -> None:
     """Run brains' after-accept jobs (notices) on their own thread: the MTA
     need not wait for a sendmail process to hear that the message is accepted."""
-    from miltermonkey_core.runner import run_after_accept
-
     threading.Thread(target=run_after_accept, args=(ctx, qid), name="mm-after-accept",
                      daemon=True).start()
 

@@ -21,7 +21,7 @@ from typing import IO, TYPE_CHECKING, Any
 from miltermonkey_core.logs import ROOT, LevelLogger
 
 if TYPE_CHECKING:
-    from miltermonkey_core.model import Message
+    from miltermonkey_core.contract.model import Message
 
 log = logging.getLogger(f"{ROOT}.monkey")
 

@@ -15,22 +15,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from miltermonkey_core.config import DaemonConfig
-from miltermonkey_core.milterkey import (
-    KeyService,
-    generate_secret_file,
-    normalize_message_id,
-)
-from miltermonkey_core.model import message_from_bytes
+from miltermonkey_core.cli.common import config_option, load
+from miltermonkey_core.config.schema import Config, DaemonConfig
+from miltermonkey_core.contract.model import message_from_bytes
+from miltermonkey_core.milterkey.fields import normalize_message_id
+from miltermonkey_core.milterkey.secrets import generate_secret_file
+from miltermonkey_core.milterkey.service import KeyService
 
 #: Where ``key generate`` writes without --file or -c: the config's default.
 DEFAULT_FILE = DaemonConfig().miltersecretfile
 
 
-def _load_config(path: str | None) -> Any:
-    from miltermonkey_core import cli  # imported here: cli imports this module
-
-    return cli._load(argparse.Namespace(config=path))
+def _load_config(path: str | None) -> Config:
+    return load(path)
 
 
 def _when(expiry: int, now: float) -> str:
@@ -149,7 +146,5 @@ def add_key_commands(subparsers: Any) -> None:
         "trusted, 1 otherwise.",
     )
     v.add_argument("message", metavar="MESSAGE.eml", help="the message file ('-' for stdin)")
-    from miltermonkey_core import cli  # imported here: cli imports this module
-
-    cli._config_option(v)
+    config_option(v)
     v.set_defaults(func=cmd_key_verify)

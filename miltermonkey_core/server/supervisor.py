@@ -35,29 +35,25 @@ cannot unload modules, and a reload only re-reads the configuration.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 import logging
-import os
-import pickle
 import selectors
 import signal
 import socket
-import struct
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
+from miltermonkey_core.config.endpoint import parse_connection
 from miltermonkey_core.errors import MonkeyError
 from miltermonkey_core.logs import ROOT, setup_logging
+from miltermonkey_core.server.control import pack_config, recv_frame, send_frame
+from miltermonkey_core.server.pidfile import remove_pidfile, write_pidfile
+from miltermonkey_core.server.preflight import load_fresh, problems_of
+from miltermonkey_core.server.sockets import remove_unix_socket
 
 log = logging.getLogger(f"{ROOT}.supervisor")
-
-_FRAME = struct.Struct("!I")
-_MAX_FRAME = 64 * 1024 * 1024
 
 #: Seconds a new worker may take to bind and build its brains.
 START_TIMEOUT = 120.0
@@ -68,84 +64,6 @@ BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0
 #: First start: how often to try when the socket is still held by a predecessor.
 BIND_ATTEMPTS = 5
-
-
-# --- the control protocol ------------------------------------------------------------------
-
-
-def send_frame(sock: socket.socket, obj: dict[str, Any]) -> None:
-    data = json.dumps(obj, separators=(",", ":")).encode()
-    sock.sendall(_FRAME.pack(len(data)) + data)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    return bytes(buf)
-
-
-def recv_frame(sock: socket.socket) -> dict[str, Any] | None:
-    """The next frame, or None at end of stream."""
-    head = _recv_exact(sock, _FRAME.size)
-    if head is None:
-        return None
-    (n,) = _FRAME.unpack(head)
-    if n > _MAX_FRAME:
-        raise OSError(f"control frame of {n} bytes is too large")
-    data = _recv_exact(sock, n)
-    if data is None:
-        return None
-    obj = json.loads(data)
-    if not isinstance(obj, dict):
-        raise OSError("control frame is not a JSON object")
-    return obj
-
-
-def pack_config(config: Any) -> str:
-    return base64.b64encode(pickle.dumps(config)).decode("ascii")
-
-
-def unpack_config(text: str) -> Any:
-    return pickle.loads(base64.b64decode(text))  # noqa: S301 - only ever from our parent
-
-
-# --- checking a configuration before a reload ----------------------------------------------
-
-
-def load_fresh(current: Any) -> Any:
-    """Read the configuration again from where ``current`` came from."""
-    from miltermonkey_core.config import embedded_default, load_any
-
-    if getattr(current, "source", "") == "embedded" or not getattr(current, "path", None):
-        return embedded_default()
-    return load_any(current.path)
-
-
-def problems_of(config: Any) -> list[str]:
-    """Everything that would stop ``config`` from running, without building brains."""
-    from miltermonkey_core.config import build_brain_options
-    from miltermonkey_core.plugins import load_brain_class
-
-    out: list[str] = []
-    for entry in config.brains:
-        try:
-            cls = load_brain_class(entry.use)
-            build_brain_options(cls, entry, config)
-        except MonkeyError as e:
-            out.append(str(e))
-    d = config.daemon
-    if d.milter_key:
-        from miltermonkey_core.milterkey import check_secret_file
-
-        try:
-            check_secret_file(d.miltersecretfile)
-        except (MonkeyError, OSError) as e:
-            out.append(f"miltersecretfile: {e}")
-    return out
 
 
 # --- the supervisor ------------------------------------------------------------------------
@@ -186,8 +104,6 @@ class Supervisor:
     def __init__(self, config: Any) -> None:
         self.config = config
         d = config.daemon
-        from miltermonkey_core.daemon import parse_connection
-
         self.socket = parse_connection(d.connection)
         self.worker: Worker | None = None
         self.selector = selectors.DefaultSelector()
@@ -230,8 +146,7 @@ class Supervisor:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "miltermonkey_core.supervisor", "--worker",
-                 str(child.fileno())],
+                [sys.executable, "-m", "miltermonkey_core.server.worker", str(child.fileno())],
                 pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True,
             )
         finally:
@@ -346,7 +261,7 @@ class Supervisor:
         log.info("SIGHUP: reloading the configuration")
         try:
             new = load_fresh(self.config)
-            problems = problems_of(new)
+            problems = [str(p) for p in problems_of(new)]
         except MonkeyError as e:
             problems = [str(e)]
         except Exception as e:  # a script config may raise anything
@@ -373,9 +288,7 @@ class Supervisor:
                     w.proc.kill()
             return
         self.stopping = True
-        from miltermonkey_core.daemon import shutdown_timeout
-
-        grace = shutdown_timeout(self.config.daemon) + 10.0
+        grace = float(self.config.daemon.shutdown_timeout) + 10.0
         self.kill_at = time.monotonic() + grace
         if w is None:
             log.info("%s: stopping", why)
@@ -388,8 +301,6 @@ class Supervisor:
     # --- main loop ---------------------------------------------------------------------
 
     def run(self) -> int:
-        from miltermonkey_core.daemon import remove_pidfile, remove_unix_socket, write_pidfile
-
         d = self.config.daemon
         if d.pidfile:
             write_pidfile(d.pidfile)
@@ -489,80 +400,3 @@ def supervise(config: Any) -> int:
         return 1
 
 
-# --- the worker side -------------------------------------------------------------------------
-
-
-def _control_loop(sock: socket.socket, daemon: Any, notify: Any) -> None:
-    while True:
-        try:
-            msg = recv_frame(sock)
-        except (OSError, ValueError):
-            msg = None
-        if msg is None:
-            daemon.request_stop("the supervisor went away")
-            return
-        cmd = msg.get("cmd")
-        if cmd == "reload":
-            try:
-                config = unpack_config(str(msg["config"]))
-            except Exception as e:
-                notify({"event": "reload_failed", "error": f"bad configuration frame: {e}"})
-                continue
-            ok, detail = daemon.reload(config)
-            notify({"event": "reloaded", "detail": detail} if ok else
-                   {"event": "reload_failed", "error": detail})
-        elif cmd == "stop":
-            daemon.request_stop("asked by the supervisor")
-
-
-def worker_main(fd: int) -> int:
-    """The milter process: configuration from the supervisor, then serve."""
-    from miltermonkey_core.daemon import Daemon
-
-    sock = socket.socket(fileno=fd)
-    msg = recv_frame(sock)
-    if msg is None or msg.get("cmd") != "start":
-        print("miltermonkey worker: no configuration from the supervisor", file=sys.stderr)
-        return 2
-    config = unpack_config(str(msg["config"]))
-    d = config.daemon
-    setup_logging(target=d.log_target, debug_level=d.debug_level, debug_mode=d.debug_mode,
-                  name=d.miltername)
-    lock = threading.Lock()
-
-    def notify(event: dict[str, Any]) -> None:
-        with lock, contextlib.suppress(OSError):
-            send_frame(sock, event)
-
-    daemon = Daemon(config, notify=notify)
-    try:
-        daemon.start()
-    except MonkeyError as e:
-        log.error("%s", e)
-        notify({"event": "start_failed", "error": str(e)})
-        return 1
-    except Exception as e:
-        log.exception("the milter failed to start")
-        notify({"event": "start_failed", "error": f"{type(e).__name__}: {e}"})
-        return 1
-    threading.Thread(target=_control_loop, args=(sock, daemon, notify), name="mm-control",
-                     daemon=True).start()
-    return daemon.serve()
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) == 2 and args[0] == "--worker":
-        return worker_main(int(args[1]))
-    print("usage: python -m miltermonkey_core.supervisor --worker FD (started by "
-          "'miltermonkey run')", file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-    code = main()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # libmilter's session threads may still be inside Python: skip finalisation.
-    os._exit(code)

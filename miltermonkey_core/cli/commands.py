@@ -1,139 +1,46 @@
-"""The ``miltermonkey`` command: run the daemon, check and show a configuration,
-list the installed brains, and try the configured brains on one message.
+"""The commands: run the daemon, check and show a configuration, list the
+installed brains, and try the configured brains on one message.
 
-A mail admin meets this module when something is wrong, so a user error
-(a bad config, a missing file, an uninstalled brain) is one line naming the
-file, the line and the key, and exit status 1; a traceback means a bug.
+A mail admin meets these when something is wrong, so a user error (a bad
+config, a missing file, an uninstalled brain) is one line naming the file,
+the line and the key, and exit status 1; a traceback means a bug.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import grp
-import os
-import pwd
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from miltermonkey_core import __version__
-from miltermonkey_core.cli_key import add_key_commands
-from miltermonkey_core.config import (
-    Config,
-    build_brain_options,
-    embedded_default,
-    load_any,
-    parse_connection,
+from miltermonkey_core.cli.common import (
+    EXIT_DELIVERED,
+    EXIT_ERROR,
+    EXIT_REFUSED,
+    EXIT_TEMPFAIL,
+    config_option,
+    err,
+    load,
 )
-from miltermonkey_core.errors import BrainLoadError, ConfigError, MonkeyError
-from miltermonkey_core.milterkey import check_secret_file
-
-PROG = "miltermonkey"
-
-#: ``try`` exit statuses follow the SMTP reply class of the verdict.
-EXIT_DELIVERED = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_TEMPFAIL = 4
-EXIT_REFUSED = 5
-
-
-def _err(message: str) -> None:
-    print(f"{PROG}: {message}", file=sys.stderr)
-
-
-def _load(args: argparse.Namespace) -> Config:
-    """The configuration named by ``-c``, else the built-in default."""
-    if args.config:
-        return load_any(args.config)
-    return embedded_default()
-
-
-def _resolve_brains(config: Config) -> tuple[dict[str, Any], list[MonkeyError]]:
-    """Import every configured brain and build its options; collect every problem.
-
-    One run of check-config should show all the broken brains, not the
-    first one only.
-    """
-    from miltermonkey_core.plugins import load_brain_class  # late: imports brains
-
-    built: dict[str, Any] = {}
-    problems: list[MonkeyError] = []
-    for entry in config.brains:
-        try:
-            cls = load_brain_class(entry.use)
-        except BrainLoadError as e:
-            problems.append(entry.error(str(e), key="use"))
-            continue
-        try:
-            built[entry.name] = build_brain_options(cls, entry, config)
-        except ConfigError as e:
-            problems.append(e)
-    return built, problems
-
-
-def _secret_problems(config: Config) -> list[MonkeyError]:
-    """The milter key's secret file, checked as the daemon will check it at start."""
-    d = config.daemon
-    if not d.milter_key:
-        return []
-    key = "miltersecretfile" if "miltersecretfile" in config.daemon_lines else "milter_key"
-    try:
-        check_secret_file(d.miltersecretfile)
-    except (MonkeyError, OSError) as e:
-        return [config.error(str(e), key=key)]
-    return []
-
-
-def _environment_problems(config: Config) -> list[MonkeyError]:
-    """What only this machine can say: users, groups and directories that must exist."""
-    d = config.daemon
-    out: list[MonkeyError] = []
-    if d.user:
-        try:
-            pwd.getpwnam(d.user)
-        except KeyError:
-            out.append(config.error(f"no such user {d.user!r}", key="user"))
-    for key, name in (("group", d.group), ("socket_group", d.socket_group)):
-        if name:
-            try:
-                grp.getgrnam(name)
-            except KeyError:
-                out.append(config.error(f"no such group {name!r}", key=key))
-    endpoint = parse_connection(d.connection)
-    dirs = [("tmpdir", d.tmpdir)]
-    if endpoint.path:
-        dirs.append(("connection", os.path.dirname(endpoint.path)))
-    for key, value in (("pidfile", d.pidfile), ("log_target", d.log_target)):
-        if value and value.startswith("/"):
-            dirs.append((key, os.path.dirname(value)))
-    for key, directory in dirs:
-        if directory and not os.path.isdir(directory):
-            out.append(config.error(f"directory {directory} does not exist", key=key))
-    return out
-
-
-# --------------------------------------------------------------------------------------
-# Commands.
-# --------------------------------------------------------------------------------------
+from miltermonkey_core.engine.offline import run_offline
+from miltermonkey_core.errors import BrainLoadError
+from miltermonkey_core.plugins import brain_info, load_brain_class
+from miltermonkey_core.server.main import run
+from miltermonkey_core.server.preflight import problems_of, resolve_brains
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = _load(args)
-    from miltermonkey_core.daemon import run  # late: pulls in pymilter
-
-    return int(run(config, supervise=False if args.no_supervisor else None) or 0)
+    config = load(args.config)
+    return int(run(config, supervise_worker=False if args.no_supervisor else None) or 0)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load(args)
-    _, problems = _resolve_brains(config)
-    problems += _secret_problems(config)
-    problems += _environment_problems(config)
+    config = load(args.config)
+    problems = problems_of(config, environment=True)
     for p in problems:
-        _err(str(p))
+        err(str(p))
     if problems:
         return EXIT_ERROR
     n = len(config.brains)
@@ -143,12 +50,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_show_config(args: argparse.Namespace) -> int:
-    config = _load(args)
-    built, problems = _resolve_brains(config)
+    config = load(args.config)
+    built, problems = resolve_brains(config)
     for p in problems:
-        _err(f"warning: {p} (showing the options as written)")
-    from miltermonkey_core.plugins import load_brain_class  # late: imports brains
-
+        err(f"warning: {p} (showing the options as written)")
     classes: dict[str, type] = {}
     for entry in config.brains:
         with contextlib.suppress(BrainLoadError):
@@ -158,8 +63,6 @@ def cmd_show_config(args: argparse.Namespace) -> int:
 
 
 def cmd_brains(args: argparse.Namespace) -> int:
-    from miltermonkey_core.plugins import brain_info  # late: imports every brain
-
     infos = brain_info()
     if not infos:
         print("no brains installed (pip install miltermonkey-av, miltermonkey-spam, ...)")
@@ -240,11 +143,9 @@ def cmd_try(args: argparse.Namespace) -> int:
     try:
         raw = sys.stdin.buffer.read() if args.message == "-" else Path(args.message).read_bytes()
     except OSError as e:
-        _err(f"{args.message}: {e.strerror or e}")
+        err(f"{args.message}: {e.strerror or e}")
         return EXIT_ERROR
-    config = _load(args)
-    from miltermonkey_core.runner import run_offline  # late: builds the brains
-
+    config = load(args.config)
     kwargs: dict[str, Any] = {"macros": macros}
     if args.sender:
         kwargs["sender"] = _address(args.sender)
@@ -283,31 +184,12 @@ def cmd_try(args: argparse.Namespace) -> int:
     return _exit_for(verdict.action if verdict else None)
 
 
-# --------------------------------------------------------------------------------------
-# The parser.
-# --------------------------------------------------------------------------------------
-
-
-def _config_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "-c", "--config", metavar="FILE", default=os.environ.get("MILTERMONKEY_CONFIG"),
-        help="a .toml file or a .py start script (default: $MILTERMONKEY_CONFIG, else the "
-             "built-in configuration)",
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Run many mail filters (brains) in one Sendmail/Postfix milter.",
-    )
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def add_commands(sub: Any) -> None:
+    """The daemon and configuration commands, on the top-level parser's subparsers."""
     p = sub.add_parser("run", help="run the milter in the foreground",
                        description="Run the milter in the foreground until SIGTERM. It never "
                        "forks: run it under systemd, runit or s6, which keep it running.")
-    _config_option(p)
+    config_option(p)
     p.add_argument("--foreground", action="store_true",
                    help="accepted for familiarity; the milter always stays in the foreground")
     p.add_argument("--no-supervisor", action="store_true",
@@ -319,13 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load the configuration, import every brain it lists, check "
                        "their options and the files the daemon will need. Prints OK or every "
                        "problem (file:line: key: message) and exits 1.")
-    _config_option(p)
+    config_option(p)
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("show-config", help="print the effective configuration as TOML",
                        description="Print the configuration with every default filled in; the "
                        "output is itself a valid configuration file.")
-    _config_option(p)
+    config_option(p)
     p.set_defaults(func=cmd_show_config)
 
     p = sub.add_parser("brains", help="list the installed brains",
@@ -340,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         "5 reject or discard, 1 error.",
     )
     p.add_argument("message", metavar="MESSAGE.eml", help="the message file ('-' for stdin)")
-    _config_option(p)
+    config_option(p)
     p.add_argument("--from", dest="sender", metavar="ADDR", help="envelope sender")
     p.add_argument("--to", action="append", metavar="ADDR",
                    help="envelope recipient (repeat for several)")
@@ -350,24 +232,3 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the message as it would leave, edits applied")
     p.add_argument("-v", "--verbose", action="store_true", help="print the brains' log lines")
     p.set_defaults(func=cmd_try, parser=p)
-
-    add_key_commands(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``miltermonkey`` and ``python -m miltermonkey_core``."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        status: int = args.func(args)
-    except MonkeyError as e:  # ConfigError, BrainLoadError, SecretError...
-        _err(str(e))
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # `miltermonkey show-config | head`
-        with contextlib.suppress(OSError):
-            sys.stdout.close()
-        return 0
-    return status

@@ -30,46 +30,40 @@ import contextlib
 import errno
 import logging
 import os
-import queue
 import signal
 import socket
-import stat
 import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import attrs
 import milter
 
-from miltermonkey_core.adapter import (
+from miltermonkey_core.config.endpoint import Endpoint
+from miltermonkey_core.config.endpoint import parse_connection as parse_endpoint
+from miltermonkey_core.engine.build import build_engine
+from miltermonkey_core.engine.chain import BrainSlot, BrainTimeout
+from miltermonkey_core.engine.session import Decision, Engine, Session
+from miltermonkey_core.errors import MonkeyError
+from miltermonkey_core.logs import ROOT, queue_id, setup_logging
+from miltermonkey_core.milter.adapter import (
     Generation,
     MilterAdapter,
     set_nodelay_on_listeners,
-    wait_with_progress,
 )
-from miltermonkey_core.dispatch import BrainSlot, BrainTimeout
-from miltermonkey_core.engine import Decision, Engine, Session
-from miltermonkey_core.errors import MonkeyError
-from miltermonkey_core.logs import ROOT, queue_id, setup_logging
-from miltermonkey_core.runner import build_engine
-
-__all__ = [
-    "RESTART_ONLY",
-    "Daemon",
-    "Job",
-    "SessionRegistry",
-    "SocketSpec",
-    "WorkerPool",
-    "parse_connection",
-    "prepare_unix_socket",
-    "remove_pidfile",
-    "run",
-    "wait_with_progress",
-    "write_pidfile",
-]
+from miltermonkey_core.plugins import installed_brains, load_brain_class
+from miltermonkey_core.server.pidfile import remove_pidfile, write_pidfile
+from miltermonkey_core.server.pool import Job, WorkerPool
+from miltermonkey_core.server.privileges import check_writable, drop_privileges, resolve
+from miltermonkey_core.server.registry import SessionRegistry
+from miltermonkey_core.server.sockets import (
+    prepare_unix_socket,
+    remove_unix_socket,
+    secure_unix_socket,
+    socket_identity,
+)
 
 log = logging.getLogger(f"{ROOT}.daemon")
 
@@ -88,332 +82,15 @@ def shutdown_timeout(daemon_config: Any) -> float:
     return float(getattr(daemon_config, "shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT))
 
 
-# --- the end-of-message worker pool ----------------------------------------------------
-
-QUEUED, RUNNING, DONE, CANCELLED = "queued", "running", "done", "cancelled"
+# --- building a configuration -----------------------------------------------------------------
 
 
-class Job:
-    """One call handed to the pool; the submitter waits on it or abandons it."""
-
-    __slots__ = ("abandoned", "error", "event", "fn", "lock", "replaced", "result", "started",
-                 "state")
-
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        self.fn = fn
-        self.event = threading.Event()
-        self.lock = threading.Lock()
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.state = QUEUED
-        self.started: float | None = None
-        self.abandoned = False
-        self.replaced = False
-
-    def wait(self, timeout: float) -> bool:
-        return self.event.wait(timeout)
-
-    @property
-    def done(self) -> bool:
-        return self.event.is_set()
-
-
-class WorkerPool:
-    """``size`` threads; each retires after ``jobs_per_thread`` jobs (0: never) and is replaced.
-
-    :meth:`abandon` writes off a job whose submitter stopped waiting: a job
-    not started yet is cancelled; a running one keeps its thread until it
-    returns, while a fresh worker takes that thread's place, as long as no
-    more than ``max_stuck`` threads (default: 4 x size, at least 16) are
-    stuck at once.  Together with each brain's circuit breaker this keeps a
-    hung engine from starving the pool, without letting threads pile up.
-    """
-
-    def __init__(self, size: int, jobs_per_thread: int, name: str = "mm-worker",
-                 max_stuck: int | None = None) -> None:
-        self.size = max(1, size)
-        self.jobs_per_thread = max(0, jobs_per_thread)
-        self.max_stuck = max(16, 4 * self.size) if max_stuck is None else max(0, max_stuck)
-        self.name = name
-        self._q: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._serial = 0
-        self.retired = 0
-        self.stuck = 0
-        self.abandoned_total = 0
-        self.running = True
-        self._threads: set[threading.Thread] = set()
-        for _ in range(self.size):
-            self._spawn()
-
-    def _spawn(self) -> None:
-        with self._lock:
-            if not self.running:
-                return  # a worker retiring during shutdown() must not leave an orphan
-            self._serial += 1
-            t = threading.Thread(target=self._work, name=f"{self.name}-{self._serial}",
-                                 daemon=True)
-            self._threads.add(t)
-            t.start()  # under the lock: shutdown() never sees an unstarted thread
-
-    def _work(self) -> None:
-        done = 0
-        me = threading.current_thread()
-        while True:
-            job = self._q.get()
-            if job is None:
-                break
-            with job.lock:
-                if job.state == CANCELLED:
-                    continue
-                job.state = RUNNING
-                job.started = time.monotonic()
-            try:
-                job.result = job.fn()
-            except BaseException as e:
-                job.error = e
-            finally:
-                with job.lock:
-                    job.state = DONE
-                    abandoned, replaced = job.abandoned, job.replaced
-                job.event.set()
-                job.fn = _nothing  # drop what the call held (message, context)
-            if abandoned:
-                with self._lock:
-                    self.stuck -= 1
-                if replaced:
-                    break  # another worker took this one's place
-            done += 1
-            if self.jobs_per_thread and done >= self.jobs_per_thread and self.running:
-                with self._lock:
-                    self.retired += 1
-                self._spawn()
-                break
-        with self._lock:
-            self._threads.discard(me)
-
-    def submit(self, fn: Callable[[], Any]) -> Job:
-        job = Job(fn)
-        self._q.put(job)
-        return job
-
-    def abandon(self, job: Job) -> bool:
-        """Stop waiting for ``job``.  False means it finished after all: use its result."""
-        with job.lock:
-            if job.state == DONE:
-                return False
-            if job.state == QUEUED:
-                job.state = CANCELLED
-                job.fn = _nothing
-                return True
-            job.abandoned = True
-            with self._lock:
-                self.stuck += 1
-                self.abandoned_total += 1
-                job.replaced = self.running and self.stuck <= self.max_stuck
-                stuck = self.stuck
-        if job.replaced:
-            self._spawn()
-        else:
-            log.warning("worker pool: %d threads stuck in brains that overran; no more "
-                        "replacements until some return", stuck)
-        return True
-
-    def shutdown(self, timeout: float = 5.0) -> None:
-        with self._lock:
-            self.running = False
-            threads = list(self._threads)
-        for _ in threads:
-            self._q.put(None)
-        end = time.monotonic() + timeout
-        for t in threads:
-            t.join(max(0.0, end - time.monotonic()))
-
-    @property
-    def alive(self) -> int:
-        with self._lock:
-            return len(self._threads)
-
-
-def _nothing() -> None:
-    return None
-
-
-# --- sessions and cid_timeout -------------------------------------------------------------
-
-
-class SessionRegistry:
-    """Live sessions: freed when idle past cid_timeout, counted when draining at shutdown."""
-
-    def __init__(self, cid_timeout: float) -> None:
-        self.cid_timeout = cid_timeout
-        self._sessions: dict[int, Session] = {}
-        self._lock = threading.Lock()
-        self.swept = 0
-
-    def add(self, s: Session) -> None:
-        with self._lock:
-            self._sessions[id(s)] = s
-
-    def remove(self, s: Session) -> None:
-        with self._lock:
-            self._sessions.pop(id(s), None)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._sessions)
-
-    def snapshot(self) -> list[Session]:
-        with self._lock:
-            return list(self._sessions.values())
-
-    def in_flight(self) -> int:
-        """Sessions with a message in progress (between MAIL FROM and EOM or ABORT)."""
-        return sum(1 for s in self.snapshot() if s.in_message)
-
-    def sweep(self, now: float | None = None) -> int:
-        """Free sessions idle past cid_timeout; libmilter's own timeout closes the socket."""
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            stale = [s for s in self._sessions.values()
-                     if now - s.last_activity > self.cid_timeout]
-            for s in stale:
-                self._sessions.pop(id(s), None)
-        for s in stale:
-            with queue_id(s.qid):
-                log.warning("%s: freeing state of session %s idle for %.0f s (cid_timeout %g)",
-                            s.qid, s.connection.id, now - s.last_activity, self.cid_timeout)
-            try:
-                s.close()
-            except Exception:
-                log.exception("error freeing session %s", s.connection.id)
-        self.swept += len(stale)
-        return len(stale)
-
-
-# --- sockets --------------------------------------------------------------------------------
-
-
-@attrs.frozen
-class SocketSpec:
-    family: str  # inet | inet6 | unix
-    host: str = ""
-    port: int = 0
-    path: str = ""
-
-    @property
-    def libmilter(self) -> str:
-        if self.family == "unix":
-            return f"unix:{self.path}"
-        return f"{self.family}:{self.port}" + (f"@{self.host}" if self.host else "")
-
-
-def parse_connection(spec: str) -> SocketSpec:
-    """Parse libmilter (``inet:PORT@HOST``) or Postfix (``inet:HOST:PORT``) syntax."""
-    from miltermonkey_core.config import parse_connection as parse
-
+def parse_connection(spec: str) -> Endpoint:
+    """The socket to listen on; a bad spelling is a MonkeyError naming the option."""
     try:
-        ep = parse(spec)
+        return parse_endpoint(spec)
     except ValueError as e:
         raise MonkeyError(f"connection {spec!r}: {e}") from None
-    if ep.family == "unix":
-        return SocketSpec("unix", path=ep.path or "")
-    return SocketSpec(ep.family, host=ep.host or "", port=ep.port or 0)
-
-
-def prepare_unix_socket(path: str) -> None:
-    """Remove a stale socket file, but never steal one a live milter still serves."""
-    p = Path(path)
-    if not p.exists() and not p.is_symlink():
-        p.parent.mkdir(parents=True, exist_ok=True)
-        return
-    if not stat.S_ISSOCK(p.lstat().st_mode):
-        raise MonkeyError(f"{path} exists and is not a socket; refusing to remove it")
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.settimeout(1)
-        s.connect(path)
-    except OSError:
-        log.info("removing stale socket %s (nothing listens on it)", path)
-        p.unlink()
-    else:
-        raise MonkeyError(f"another process is listening on {path}; stop it first")
-    finally:
-        s.close()
-
-
-def secure_unix_socket(path: str, mode: int, group: str | None) -> None:
-    if group:
-        import grp
-
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise MonkeyError(f"socket_group {group!r} does not exist") from None
-        os.chown(path, -1, gid)
-    os.chmod(path, mode)
-
-
-def socket_identity(path: str) -> tuple[int, int] | None:
-    """(device, inode) of the socket file, to recognise it as ours later."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
-
-
-def remove_unix_socket(path: str, ident: tuple[int, int] | None) -> bool:
-    """Unlink ``path`` if it is still the socket we created (not a successor's)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    if not stat.S_ISSOCK(st.st_mode) or (ident is not None and (st.st_dev, st.st_ino) != ident):
-        return False
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return True
-    except OSError as e:
-        log.warning("cannot remove socket %s: %s", path, e)
-        return False
-    return True
-
-
-# --- pid file -------------------------------------------------------------------------------
-
-
-def write_pidfile(path: str) -> None:
-    """Write our pid, refusing to clobber the pid file of a live monkey."""
-    p = Path(path)
-    if p.exists():
-        try:
-            old = int(p.read_text().split()[0])
-            os.kill(old, 0)
-        except (ValueError, IndexError, ProcessLookupError):
-            p.unlink()
-        except PermissionError:
-            raise MonkeyError(f"pid file {path} belongs to a running process") from None
-        else:
-            if old != os.getpid():
-                raise MonkeyError(f"pid file {path}: MilterMonkey already runs as pid {old}")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()}\n")
-
-
-def remove_pidfile(path: str | None) -> None:
-    if not path:
-        return
-    with contextlib.suppress(OSError, ValueError):
-        if int(Path(path).read_text().split()[0]) == os.getpid():
-            os.unlink(path)
-
-
-# --- building a configuration -----------------------------------------------------------------
 
 
 def preload(config: Any) -> None:
@@ -423,13 +100,9 @@ def preload(config: Any) -> None:
     package may not be readable any more (an interpreter under /root, a
     0750 site-packages); modules already imported need no file.
     """
-    from miltermonkey_core import plugins, runner  # noqa: F401 - imported for later
-
-    plugins.installed_brains()
+    installed_brains()
     for entry in config.brains:
-        plugins.load_brain_class(entry.use)
-    if config.daemon.milter_key:
-        from miltermonkey_core import milterkey  # noqa: F401
+        load_brain_class(entry.use)
 
 
 def _warm_up(config: Any) -> None:
@@ -653,7 +326,7 @@ class Daemon:
     def _open(self) -> None:
         d = self.config.daemon
         sock = self.socket
-        self.adapter.install(d.miltername, sock.libmilter, d.milter_timeout)
+        self.adapter.install(d.miltername, sock.spec, d.milter_timeout)
         old_umask = None
         if sock.family == "unix":
             prepare_unix_socket(sock.path)
@@ -682,8 +355,6 @@ class Daemon:
 
     def start(self) -> None:
         """Bind, drop privileges, build the first generation.  Raises on any failure."""
-        from miltermonkey_core.privileges import check_writable, drop_privileges, resolve
-
         d = self.config.daemon
         resolve(d.user, d.group)  # an unknown user or group fails before anything is bound
         self._open()
@@ -716,7 +387,7 @@ class Daemon:
         gen = self.adapter.generation
         assert gen is not None
         log.info("%s listening on %s with brains: %s (threads=%d, jobsperthread=%d, pid %d)",
-                 d.miltername, self.socket.libmilter, ", ".join(gen.engine.chain.names) or "none",
+                 d.miltername, self.socket.spec, ", ".join(gen.engine.chain.names) or "none",
                  d.threads, d.jobsperthread, os.getpid())
         self.notify({"event": "ready", "pid": os.getpid(), "socket": self.socket_ident,
                      "generation": gen.number})
@@ -763,9 +434,6 @@ def _reraise(job: Job) -> None:
     raise RuntimeError(f"brain raised {type(err).__name__}: {err}") from err
 
 
-# --- entry points -----------------------------------------------------------------------------
-
-
 def serve_single(config: Any) -> int:
     """One process, no supervisor (``run --no-supervisor``): SIGHUP stops it, as
     libmilter handles that signal itself; there is no reload in this mode."""
@@ -785,19 +453,3 @@ def serve_single(config: Any) -> int:
             print(f"miltermonkey: {d.connection}: address in use", file=sys.stderr)
             return 1
         raise
-
-
-def run(config: Any, supervise: bool | None = None) -> int:
-    """Start the monkey with ``config`` and serve until SIGTERM/SIGINT.
-
-    By default a small supervisor process owns the signals (SIGHUP reloads)
-    and runs the milter as its child; ``supervise=False`` (or the
-    environment variable ``MILTERMONKEY_NO_SUPERVISOR=1``) runs one process.
-    """
-    if supervise is None:
-        supervise = os.environ.get("MILTERMONKEY_NO_SUPERVISOR", "") not in ("1", "yes", "true")
-    if not supervise:
-        return serve_single(config)
-    from miltermonkey_core.supervisor import supervise as run_supervisor
-
-    return run_supervisor(config)

@@ -1,9 +1,9 @@
-"""Per-session message handling, independent of libmilter.
+"""Per-session message handling, independent of the milter protocol.
 
-The adapter translates libmilter callbacks into calls on a :class:`Session`;
-the offline runner (``miltermonkey try``, the in-process test runner) makes
-the same calls from a parsed .eml file.  Both therefore run exactly the same
-code path from MAIL FROM to the final decision.
+The milter layer translates the MTA's commands into calls on a
+:class:`Session`; the offline runner (``miltermonkey try``, the in-process
+test runner) makes the same calls from a parsed .eml file.  Both therefore
+run exactly the same code path from MAIL FROM to the final decision.
 """
 
 from __future__ import annotations
@@ -11,32 +11,22 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Any, Protocol
 
 import attrs
 
-from miltermonkey_core.brain import Needs
-from miltermonkey_core.context import Capability, MilterContext
-from miltermonkey_core.dispatch import UNCHECKED_HEADER, BrainResult, Chain, Invoker
-from miltermonkey_core.logs import ROOT
-from miltermonkey_core.model import Address, Body, Connection, Header, Headers, Message
-from miltermonkey_core.monkey import Monkey
-from miltermonkey_core.verdict import Action, Verdict
+from miltermonkey_core.contract.brain import Needs
+from miltermonkey_core.contract.context import MilterContext
+from miltermonkey_core.contract.edits import Capability
+from miltermonkey_core.contract.model import Address, Body, Connection, Header, Headers, Message
+from miltermonkey_core.contract.monkey import Monkey
+from miltermonkey_core.contract.verdict import Action, Verdict
+from miltermonkey_core.engine.chain import UNCHECKED_HEADER, BrainResult, Chain, Invoker
+from miltermonkey_core.logs import ROOT, queue_id
+from miltermonkey_core.milterkey.service import KeyService
 
 log = logging.getLogger(f"{ROOT}.engine")
 
 _ids = itertools.count(1)
-
-
-class KeyService(Protocol):
-    """What the engine needs from the milter key (see :mod:`miltermonkey_core.milterkey`)."""
-
-    header_names: tuple[str, ...]
-
-    def inspect(self, message: Message) -> Any: ...
-
-    def finish(self, message: Message, ctx: MilterContext, results: list[BrainResult],
-               inspected: Any) -> None: ...
 
 
 @attrs.define
@@ -128,14 +118,12 @@ class Session:
 
     def connect(self) -> Verdict | None:
         self.touch()
-        return self.engine.chain.call_stage("connect", self.session_skips, self.qid,
-                                            connection=self.connection)
+        return self.engine.chain.connect(self.session_skips, self.qid, self.connection)
 
     def helo(self, name: str) -> Verdict | None:
         self.touch()
         self.connection.helo = name
-        return self.engine.chain.call_stage("helo", self.session_skips, self.qid,
-                                            connection=self.connection, helo=name)
+        return self.engine.chain.helo(self.session_skips, self.qid, self.connection, name)
 
     # --- envelope -----------------------------------------------------------------
 
@@ -163,16 +151,14 @@ class Session:
         msg.envelope.sender = addr
         if macros:
             self.macros(macros)
-        return self.engine.chain.call_stage("envfrom", self.message_skips, self.qid,
-                                            message=msg, sender=addr)
+        return self.engine.chain.envfrom(self.message_skips, self.qid, msg, addr)
 
     def envrcpt(self, recipient: str, params: tuple[str, ...] = ()) -> Verdict | None:
         self.touch()
         msg = self.ensure_message()
         addr = Address(recipient, params)
         msg.envelope.recipients.append(addr)
-        v = self.engine.chain.call_stage("envrcpt", set(self.message_skips), self.qid,
-                                         message=msg, recipient=addr)
+        v = self.engine.chain.envrcpt(set(self.message_skips), self.qid, msg, addr)
         if v is not None and v.final:
             msg.envelope.recipients.pop()
         return v
@@ -210,13 +196,13 @@ class Session:
         if not self.engine.chain.implemented("header"):
             return None
         # a header hook may read message.headers: it sees every header so far
-        return self.engine.chain.call_stage("header", self.message_skips, self.qid,
-                                            message=self._sync_headers(msg), header=h)
+        return self.engine.chain.header(self.message_skips, self.qid,
+                                        self._sync_headers(msg), h)
 
     def eoh(self) -> Verdict | None:
         self.touch()
         msg = self._sync_headers(self.ensure_message())
-        return self.engine.chain.call_stage("eoh", self.message_skips, self.qid, message=msg)
+        return self.engine.chain.eoh(self.message_skips, self.qid, msg)
 
     def body(self, chunk: bytes) -> Verdict | None:
         self.touch()
@@ -228,8 +214,7 @@ class Session:
         msg.body.write(chunk)
         if not self.engine.chain.implemented("body"):
             return None
-        return self.engine.chain.call_stage("body", self.message_skips, self.qid,
-                                            message=msg, chunk=chunk)
+        return self.engine.chain.body(self.message_skips, self.qid, msg, chunk)
 
     # --- end of message -------------------------------------------------------------
 
@@ -292,8 +277,7 @@ class Session:
         """SMFIC_ABORT: the message ends without EOM; a second ABORT is a no-op."""
         self.touch()
         if self.message is not None:
-            self.engine.chain.notify("abort", self.qid,
-                                     message=self._sync_headers(self.message))
+            self.engine.chain.abort(self.qid, self._sync_headers(self.message))
         self.reset_message()
 
     def reopen(self) -> None:
@@ -306,7 +290,17 @@ class Session:
             return
         self.closed = True
         if self.message is not None:
-            self.engine.chain.notify("abort", self.qid,
-                                     message=self._sync_headers(self.message))
+            self.engine.chain.abort(self.qid, self._sync_headers(self.message))
         self.reset_message()
-        self.engine.chain.notify("close", self.connection.id, connection=self.connection)
+        self.engine.chain.close_session(self.connection.id, self.connection)
+
+
+def run_after_accept(ctx: MilterContext, qid: str) -> None:
+    """Run the brains' after-accept jobs; a failing job is logged, never raised."""
+    after = logging.getLogger(f"{ROOT}.after_accept")
+    for brain, job in ctx.after_accept_jobs:
+        try:
+            with queue_id(qid):
+                job()
+        except Exception as e:
+            after.exception("%s: after-accept job of brain %s failed: %s", qid, brain, e)

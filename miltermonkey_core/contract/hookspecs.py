@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from miltermonkey_core.context import MilterContext
-    from miltermonkey_core.model import Address, Connection, Header, Message
-    from miltermonkey_core.monkey import Monkey
-    from miltermonkey_core.verdict import Verdict
+    from miltermonkey_core.contract.context import MilterContext
+    from miltermonkey_core.contract.model import Address, Connection, Header, Message
+    from miltermonkey_core.contract.monkey import Monkey
+    from miltermonkey_core.contract.verdict import Verdict
 
 PROJECT = "miltermonkey"
 
@@ -57,8 +57,10 @@ def connect(connection: Connection, monkey: Monkey) -> Verdict | None:
 
 
 @_hookspec
-def helo(connection: Connection, helo: str, monkey: Monkey) -> Verdict | None:
+def helo(connection: Connection, helo_name: str, monkey: Monkey) -> Verdict | None:
     """Called on HELO/EHLO with the name the client gave (also in ``connection.helo``).
+
+    :param helo_name: the HELO/EHLO argument as the client sent it.
 
     :returns: as for :func:`connect`.
     """
@@ -173,6 +175,9 @@ def close(connection: Connection, monkey: Monkey) -> None:
     """Called once when the SMTP session ends, even after errors; free session state."""
 
 
-#: Hooks in protocol order; the dispatcher and the negotiation walk this list.
-HOOKS = ("connect", "helo", "envfrom", "envrcpt", "header", "eoh", "body",
-         "eom_process", "abort", "close")
+#: Hooks in protocol order: every function above marked as a spec, in the order
+#: it is defined, so the list cannot drift from the specs.
+HOOKS: tuple[str, ...] = tuple(
+    name for name, obj in list(globals().items())
+    if callable(obj) and hasattr(obj, f"{PROJECT}_spec")
+)

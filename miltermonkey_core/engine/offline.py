@@ -1,7 +1,7 @@
 """Running the configured brains over one message, with no MTA and no socket.
 
 ``miltermonkey try`` and brain authors' unit tests use this; it goes through
-the same :class:`~miltermonkey_core.engine.Session` calls as the daemon, so
+the same :class:`~miltermonkey_core.engine.session.Session` calls as the daemon, so
 what it prints is what the daemon would do (minus the MTA's own behaviour).
 """
 
@@ -10,17 +10,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
 
 import attrs
 
-from miltermonkey_core.context import Capability, MilterContext, ReplaceBody
-from miltermonkey_core.dispatch import BrainResult, Chain, configure_slots
-from miltermonkey_core.engine import Decision, Engine, EngineSettings
+from miltermonkey_core.config.schema import Config
+from miltermonkey_core.contract.context import MilterContext
+from miltermonkey_core.contract.edits import Capability, ReplaceBody
+from miltermonkey_core.contract.model import Connection, message_from_bytes
+from miltermonkey_core.contract.verdict import Action, Verdict
+from miltermonkey_core.engine.build import build_engine
+from miltermonkey_core.engine.chain import BrainResult
+from miltermonkey_core.engine.session import Decision, Engine, run_after_accept
 from miltermonkey_core.logs import ROOT, queue_id
-from miltermonkey_core.model import Connection, message_from_bytes
-from miltermonkey_core.monkey import Monkey
-from miltermonkey_core.verdict import Action, Verdict
 
 
 @attrs.define
@@ -145,41 +146,8 @@ def run_engine(
             session.close()
 
 
-def run_after_accept(ctx: MilterContext, qid: str) -> None:
-    """Run the brains' after-accept jobs; a failing job is logged, never raised."""
-    log = logging.getLogger(f"{ROOT}.after_accept")
-    for brain, job in ctx.after_accept_jobs:
-        try:
-            with queue_id(qid):
-                job()
-        except Exception as e:
-            log.exception("%s: after-accept job of brain %s failed: %s", qid, brain, e)
-
-
-def build_engine(config: Any) -> Engine:
-    """The engine for ``config``: brains built, policies, timeouts and breakers set.
-
-    The daemon builds every configuration generation with this, and
-    ``miltermonkey try`` its offline run, so both judge mail the same way.
-    """
-    from miltermonkey_core.plugins import build_chain
-
-    d = config.daemon
-    monkey = Monkey.from_config(d, config)
-    key = None
-    if d.milter_key:
-        from miltermonkey_core.milterkey import KeyService
-
-        key = KeyService.from_config(config)
-    chain = build_chain(config, monkey)
-    configure_slots(chain, config)
-    return Engine(chain, monkey,
-                  EngineSettings(spool_threshold=d.spool_threshold, tmpdir=d.tmpdir,
-                                 max_message_size=d.max_message_size), key=key)
-
-
 def run_offline(
-    config: Any,
+    config: Config,
     raw: bytes,
     sender: str = "<sender@example.test>",
     recipients: Sequence[str] = ("<rcpt@example.test>",),
@@ -191,16 +159,3 @@ def run_offline(
         return run_engine(engine, raw, sender, recipients, macros)
     finally:
         engine.chain.close()
-
-
-def chain_of(*brains: Any) -> Chain:
-    """A chain of brain instances in the given order, for unit tests of brains."""
-    from miltermonkey_core.dispatch import BrainSlot
-    from miltermonkey_core.plugins import new_plugin_manager, register
-
-    pm = new_plugin_manager()
-    slots = []
-    for b in brains:
-        register(pm, b, b.name)
-        slots.append(BrainSlot(name=b.name, use=b.name, brain=b, monkey=b.monkey))
-    return Chain(slots, pm)

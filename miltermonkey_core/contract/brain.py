@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import attrs
 
 if TYPE_CHECKING:
-    from miltermonkey_core.monkey import Monkey
+    from miltermonkey_core.contract.monkey import Monkey
 
 #: Milter stages a brain can ask macros for (Postfix/Sendmail names).
 MACRO_STAGES = ("connect", "helo", "envfrom", "envrcpt", "data", "eoh", "eom")
@@ -97,6 +97,18 @@ class Brain:
         self.options = options
         self.monkey = monkey
         self.name = name or type(self).__name__
+
+    @classmethod
+    def detect_local(cls) -> Mapping[str, Any] | None:
+        """Options that make this brain work with an engine found on this machine.
+
+        Asked only when the daemon runs on its embedded default (no config
+        file): a brain whose engine answers at a well-known local address
+        (Debian's clamd or spamd socket, say) returns the options that point
+        at it and is added to the default chain; ``None`` leaves it out.
+        Keep it quick: a short connect timeout, no retries.
+        """
+        return None
 
     def close_brain(self) -> None:
         """Release engine connections and threads; called on shutdown and reload."""

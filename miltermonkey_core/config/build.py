@@ -1,0 +1,202 @@
+"""Building a checked :class:`Config` from located key/value pairs.
+
+The TOML loader and the seed's start-script form both produce
+:class:`RawTable` lists (each value with the line it was written on) and
+hand them here, so both are checked by the same code and point at the same
+kind of line.  Which brains are installed is given by the caller: the
+configuration layer never looks at entry points or the network itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import attrs
+
+from miltermonkey_core.config.schema import (
+    ALIASES,
+    BRAIN_ALIASES,
+    BRAIN_KEYS,
+    BRAIN_NAME,
+    BRAIN_TABLE,
+    DAEMON_FIELDS,
+    DAEMON_TABLE,
+    ON_ERROR_POLICIES,
+    BrainEntry,
+    Config,
+    DaemonConfig,
+)
+from miltermonkey_core.config.values import (
+    Coerce,
+    Invalid,
+    boolean,
+    choice,
+    did_you_mean,
+    duration,
+    integer,
+    optional,
+    string,
+)
+from miltermonkey_core.errors import ConfigError
+
+
+@attrs.frozen
+class RawItem:
+    """One ``key = value`` as written, with the line it was written on."""
+
+    key: str
+    value: Any
+    line: int | None = None
+
+
+@attrs.frozen
+class RawTable:
+    """A table as written: the daemon table or one ``[[brain]]``."""
+
+    items: tuple[RawItem, ...] = ()
+    line: int | None = None
+
+
+def _canonical(
+    table: RawTable,
+    aliases: Mapping[str, str],
+    path: str | None,
+) -> dict[str, RawItem]:
+    """Items by canonical key; the same option given twice is an error."""
+    out: dict[str, RawItem] = {}
+    for item in table.items:
+        canon = aliases.get(item.key, item.key)
+        if canon in out:
+            first = out[canon]
+            where = f" at line {first.line}" if first.line else ""
+            raise ConfigError(
+                f"given twice (first as {first.key!r}{where})",
+                path=path, line=item.line, key=item.key,
+            )
+        out[canon] = item
+    return out
+
+
+def _build_daemon(table: RawTable, path: str | None) -> tuple[DaemonConfig, dict[str, int]]:
+    items = _canonical(table, ALIASES, path)
+    kwargs: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    for canon, item in items.items():
+        field = DAEMON_FIELDS.get(canon)
+        if field is None:
+            hint = did_you_mean(item.key, [*DAEMON_FIELDS, *ALIASES])
+            if item.key == BRAIN_TABLE or item.key in BRAIN_KEYS:
+                hint = "; brains are configured in [[brain]] tables"
+            raise ConfigError(f"unknown key in [{DAEMON_TABLE}]{hint}",
+                              path=path, line=item.line, key=item.key)
+        assert field.converter is not None
+        try:
+            kwargs[canon] = field.converter(item.value)  # type: ignore[operator]
+        except Invalid as e:
+            raise ConfigError(str(e), path=path, line=item.line, key=item.key) from None
+        if item.line:
+            lines[canon] = item.line
+    return DaemonConfig(**kwargs), lines
+
+
+_BRAIN_CHECKS: Final[Mapping[str, Coerce]] = {
+    "use": string(),
+    "name": string(),
+    "on_error": choice(*ON_ERROR_POLICIES),
+    "on_timeout": choice(*ON_ERROR_POLICIES),
+    "timeout": duration(0.001, whole=False),
+    "evaluation": boolean,
+    "skip_if_key": boolean,
+    "expiration": optional(duration(1)),
+    "breaker_failures": integer(0, 1_000_000),
+    "breaker_window": duration(0.001, whole=False),
+    "breaker_cooldown": duration(0, whole=False),
+}
+
+
+def _build_brain(
+    table: RawTable,
+    daemon: DaemonConfig,
+    path: str | None,
+    installed: Mapping[str, Any] | None,
+) -> BrainEntry:
+    items = _canonical(table, BRAIN_ALIASES, path)
+    common: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    for canon, item in items.items():
+        if item.line:
+            lines[item.key] = item.line
+            lines.setdefault(canon, item.line)
+        check = _BRAIN_CHECKS.get(canon)
+        if check is None:
+            options[item.key] = item.value
+            continue
+        try:
+            common[canon] = check(item.value)
+        except Invalid as e:
+            raise ConfigError(str(e), path=path, line=item.line, key=item.key) from None
+    if "use" not in common:
+        have = f" (installed: {', '.join(sorted(installed))})" if installed else ""
+        raise ConfigError(f'every [[brain]] needs use = "<brain>"{have}',
+                          path=path, line=table.line, key="use")
+    use = common["use"]
+    if installed is not None and use not in installed:
+        have = ", ".join(sorted(installed)) or "none"
+        hint = did_you_mean(use, installed) or (
+            f"; install the package providing it (e.g. pip install miltermonkey-{use})"
+        )
+        raise ConfigError(f"no brain called {use!r} is installed (installed brains: {have}){hint}",
+                          path=path, line=lines.get("use", table.line), key="use")
+    name = common.get("name", use)
+    if not BRAIN_NAME.fullmatch(name):
+        raise ConfigError(
+            f"brain name {name!r} must be letters, digits, '.', '_' or '-' "
+            "(it is written into the milter key and log lines)",
+            path=path, line=lines.get("name", lines.get("use", table.line)), key="name",
+        )
+    settings = {k: v for k, v in common.items() if k not in ("use", "name")}
+    return BrainEntry(
+        use=use,
+        name=name,
+        **settings,
+        options=options,
+        line=table.line,
+        option_lines=lines,
+        path=path,
+    )
+
+
+def build_config(
+    daemon: RawTable,
+    brains: Sequence[RawTable],
+    *,
+    path: str | None = None,
+    source: str = "toml",
+    installed: Mapping[str, Any] | None = None,
+) -> Config:
+    """Check located raw tables and build the Config; the first problem raises.
+
+    ``installed`` (brain name -> anything) is what brains the machine has,
+    looked up by the caller; ``None`` skips that check (for tools that only
+    edit, and for unit tests of the schema).
+    """
+    daemon_cfg, lines = _build_daemon(daemon, path)
+    entries: list[BrainEntry] = []
+    seen: dict[str, BrainEntry] = {}
+    for table in brains:
+        entry = _build_brain(table, daemon_cfg, path, installed)
+        if entry.name in seen:
+            other = seen[entry.name]
+            where = f" at line {other.line}" if other.line else ""
+            key = "name" if "name" in entry.option_lines else "use"
+            raise entry.error(
+                f"brain name {entry.name!r} is already used by the [[brain]]{where}; "
+                f'give one of them its own name = "..."',
+                key=key,
+            )
+        seen[entry.name] = entry
+        entries.append(entry)
+    return Config(daemon=daemon_cfg, brains=tuple(entries), path=path, source=source,
+                  daemon_lines=lines)
