@@ -79,7 +79,13 @@ def sendmail_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sendmai
 
 @pytest.fixture
 def sm(sendmail_stack: SendmailStack) -> SendmailStack:
-    """The module's stack with an empty sink, so counting deliveries means something."""
+    """The module's stack with an empty sink, so counting deliveries means something.
+
+    The queue must be empty first: a message still on its way to the sink
+    would arrive in the next test, and one left queued by a restart would
+    come back half a minute later.
+    """
+    sendmail_stack.sendmail.wait_queue_empty(30)
     sendmail_stack.sink.clear()
     return sendmail_stack
 
@@ -123,6 +129,24 @@ def test_trivial_header_delivered_through_sendmail(
     assert "by sendmail.milter.test" in received and f"id {qid}" in received
     sm.sendmail.wait_for_log(
         rf"{qid}: Milter \({m.name}\) add: header: X-MilterMonkey: trivial on mm\.example")
+
+
+def test_filter_and_macro_settings_reach_sendmail(
+    sm: SendmailStack, monkey_daemon: Monkeys
+) -> None:
+    m = monkey_daemon([{"use": "trivial", "header_value": "configured"}], unix=True)
+    timeouts = {"C": "2s", "S": "5s", "R": "7s", "E": "1m"}
+    macros = {"connect": ["j", "{daemon_name}"], "eom": ["i", "{msg_id}"]}
+    sm.sendmail.set_milters([SendmailMilter.at("configured", m.address, "T", timeouts)], macros)
+    options = sm.sendmail.cf_options()
+    assert options["InputMailFilters"] == "configured"
+    assert options["Milter.macros.connect"] == "j, {daemon_name}"
+    assert options["Milter.macros.eom"] == "i, {msg_id}"
+    assert options["Milter.macros.envfrom"].startswith("i, ")  # a stage not given: default
+    filters = [ln for ln in sm.sendmail.cf_path.read_text().splitlines() if ln.startswith("X")]
+    assert filters == [f"Xconfigured, S=unix:{m.address}, F=T, T=C:2s;S:5s;R:7s;E:1m"]
+    got = sm.deliver(message("configured"), "configured")
+    assert got.header_values("X-MilterMonkey") == ["configured"]
 
 
 # --------------------------------------------------------------------------
@@ -192,6 +216,9 @@ def test_unreachable_milter_follows_the_filter_flags(
     sm.sendmail.set_milters([SendmailMilter.at("gone", str(tmp_path / "nobody.sock"), flags)])
     res = sm.send(message(f"unreachable-{flags or 'none'}"))
     assert (res.code, res.stage) == (code, stage), res
+    if not flags:  # skipped: delivered as it came
+        got = parse_dump(sm.sink.wait_for_text(b"Subject: unreachable-none", timeout=30))
+        assert after_trace(got) == own_headers(message("unreachable-none"))
 
 
 @pytest.mark.parametrize(("on_error", "refused"), [("tempfail", True), ("accept", False)])
@@ -353,5 +380,6 @@ def test_queue_id_in_the_per_message_log_line(
     res = sm.send(message(f"qid-{brain['use']}"))
     qid = queue_id_from_reply(res.text)
     assert res.ok and qid is not None, res
+    sm.sink.wait_for(1)
     log = m.wait_for_log(": accept in ")
     assert f"{qid}: accept in " in log, log
