@@ -94,4 +94,14 @@ def api_table(_markdown: str, args: str = "") -> str:
     rows += _member_rows(cls, skip)
     if not rows:
         raise GenerationError(f"api {name}: nothing public to list")
-    return table(("member", "meaning"), rows)
+    summary = first_paragraph(cls.__doc__)
+    title = f"**{code(name)}**" + (f": {summary}" if summary else "")
+    return title + "\n\n" + table(("member", "meaning"), rows)
+
+
+def import_line(name: str) -> str:
+    """Where a helper lives, as the import line a test writes (modules move; this follows)."""
+    target = sources.API_FUNCTIONS.get(name.strip()) or sources.API_CLASSES.get(name.strip())
+    if target is None:
+        raise GenerationError(f"import {name!r}: not in sources.API_FUNCTIONS or API_CLASSES")
+    return f"```python\nfrom {target.__module__} import {target.__name__}\n```"

@@ -153,8 +153,19 @@ def escape_text(text: str) -> str:
 
 
 def cell(text: str) -> str:
-    """Text made safe for one Markdown table cell."""
-    return " ".join(text.split()).replace("|", "\\|")
+    """Text made safe for one Markdown table cell.
+
+    A ``|`` outside code spans would end the cell; inside one, the tables
+    extension already ignores it, and a backslash would show.
+    """
+    text = " ".join(text.split())
+    out, pos = [], 0
+    for m in _CODE_SPAN.finditer(text):
+        out.append(text[pos:m.start()].replace("|", "\\|"))
+        out.append(m.group(0))
+        pos = m.end()
+    out.append(text[pos:].replace("|", "\\|"))
+    return "".join(out)
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

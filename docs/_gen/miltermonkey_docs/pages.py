@@ -34,9 +34,11 @@ def render(markdown: str) -> str:
         name, args = m.group(1), m.group(2).strip()
         if name == "api":
             return api.api_table(markdown, args)
+        if name == "import":
+            return api.import_line(args)
         generator = GENERATORS.get(name)
         if generator is None:
-            raise GenerationError(f"unknown marker 'generated: {name}'; known: api, "
+            raise GenerationError(f"unknown marker 'generated: {name}'; known: api, import, "
                                   + ", ".join(GENERATORS))
         if args:
             raise GenerationError(f"marker 'generated: {name}' takes no arguments")

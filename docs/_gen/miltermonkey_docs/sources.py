@@ -31,9 +31,12 @@ from miltermonkey_core.contract import hookspecs as _hookspecs
 from miltermonkey_core.engine.chain import BrainResult
 from miltermonkey_core.engine.offline import OfflineResult
 from miltermonkey_core.pytest_plugin import PostfixStack
+from miltermonkey_core.testing.cleanup import AppliedMessage, EomResult
+from miltermonkey_core.testing.client import SessionResult
 from miltermonkey_core.testing.daemon import MonkeyProcess
-from miltermonkey_core.testing.mta import AppliedMessage, EomResult, SessionResult, SmtpReply
-from miltermonkey_core.testing.stack import SinkMessage, SmtpResult, SmtpSink
+from miltermonkey_core.testing.replies import SmtpReply
+from miltermonkey_core.testing.sink import SinkMessage, SmtpSink, parse_dump
+from miltermonkey_core.testing.smtp import SmtpResult
 
 #: The module of hook specifications: one function per hook, in ``HOOKS`` order.
 hookspecs: Final[ModuleType] = _hookspecs
@@ -57,9 +60,13 @@ API_CLASSES: Final[dict[str, type[Any]]] = {
     )
 }
 
+#: Functions a page may tell readers to import, with ``<!-- generated: import NAME -->``.
+API_FUNCTIONS: Final[dict[str, Any]] = {fn.__name__: fn for fn in (parse_dump,)}
+
 __all__ = [
     "ALIASES",
     "API_CLASSES",
+    "API_FUNCTIONS",
     "BRAIN_ALIASES",
     "BRAIN_GROUP",
     "BRAIN_KEYS",
