@@ -3,8 +3,9 @@
 #
 # Run as root.  Safe to run again: apt-get and pip leave installed packages
 # alone.  The tests start their own private Postfix, clamd and spamd on
-# loopback (miltermonkey_core/testing/stack.py), so the system instances
-# these packages ship must not be started, configured or left running.
+# loopback (miltermonkey_core/testing/ and the brains' testing/ packages),
+# so the system instances these packages ship must not be started,
+# configured or left running.
 set -euo pipefail
 
 if [ "$(id -u)" -ne 0 ]; then

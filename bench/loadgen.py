@@ -8,9 +8,10 @@ included.  The client is a few syscalls per message over a raw socket
 (no smtplib), so it costs little CPU; ``run.py`` measures that cost and
 compares it with Postfix's ``smtp-source`` on the no-milter ceiling.
 
-The engine clients speak spamd's SPAMC/1.5 ``CHECK`` and clamd's
-``zINSTREAM`` directly, for the "engines alone" baseline: the same work a
-milter asks of them, without any milter or MTA around it.
+The "engines alone" baseline asks spamd for a SPAMC/1.5 ``CHECK`` and clamd
+for a ``zINSTREAM`` scan through the brains' test clients
+(:mod:`miltermonkey_spam.testing` and :mod:`miltermonkey_av.testing`): the
+same work a milter asks of them, without any milter or MTA around it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import time
 from collections.abc import Callable, Sequence
 
 import attrs
+from miltermonkey_av.testing import instream
+from miltermonkey_spam.testing import check
 
 #: spamc's default -s: larger messages are not sent to spamd (the milters use it too).
 SPAMC_MAX_SIZE = 500 * 1024
@@ -183,57 +186,13 @@ def smtp_load(port: int, wires: Sequence[bytes], concurrency: int, sender: str,
                           lambda i: smtp_send(host, port, wires[i], sender, recipient))
 
 
-# --- spamd (SPAMC/1.5 CHECK) -------------------------------------------------------------
-
-
-def _recv_all(sock: socket.socket) -> bytes:
-    parts: list[bytes] = []
-    while True:
-        data = sock.recv(65536)
-        if not data:
-            return b"".join(parts)
-        parts.append(data)
-
-
-def spamc_check(address: tuple[str, int], message: bytes, timeout: float = 120.0) -> str:
-    """One CHECK; returns the ``Spam:`` line (e.g. ``False ; 1.3 / 5.0``)."""
-    with socket.create_connection(address, timeout=timeout) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(b"CHECK SPAMC/1.5\r\nContent-length: %d\r\n\r\n" % len(message) + message)
-        sock.shutdown(socket.SHUT_WR)
-        reply = _recv_all(sock)
-    head, _, _ = reply.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    if not lines or b" 0 EX_OK" not in lines[0]:
-        raise RuntimeError(f"spamd: {lines[0] if lines else reply!r}")
-    for line in lines[1:]:
-        if line.lower().startswith(b"spam:"):
-            return line[5:].strip().decode()
-    raise RuntimeError(f"spamd: no Spam: header in {head!r}")
-
-
 # --- clamd (zINSTREAM) -------------------------------------------------------------------
 
 
 def clamd_instream(address: tuple[str, int], data: bytes, timeout: float = 120.0,
                    chunk: int = 256 * 1024) -> str:
     """One INSTREAM scan; returns clamd's reply, e.g. ``stream: OK``."""
-    with socket.create_connection(address, timeout=timeout) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(b"zINSTREAM\0")
-        view = memoryview(data)
-        for i in range(0, len(view), chunk):
-            piece = view[i : i + chunk]
-            sock.sendall(len(piece).to_bytes(4, "big"))
-            sock.sendall(piece)
-        sock.sendall(b"\0\0\0\0")
-        reply = b""
-        while not reply.endswith(b"\0"):
-            got = sock.recv(4096)
-            if not got:
-                break
-            reply += got
-    text = reply.rstrip(b"\0").decode("utf-8", "replace")
+    text = instream(address, data, timeout, chunk)
     if not text.endswith((" OK", " FOUND")):
         raise RuntimeError(f"clamd: {text}")
     return text
@@ -256,7 +215,7 @@ def engine_work(kind: str, clamd: tuple[str, int] | None, spamd: tuple[str, int]
                 detail.append(clamd_instream(clamd, msg))
             if kind in ("spamd", "both") and spamd is not None:
                 if len(msg) <= SPAMC_MAX_SIZE:
-                    detail.append(spamc_check(spamd, msg))
+                    detail.append(check(spamd, msg, timeout=120.0))
                 else:
                     detail.append("spamd skipped (over 500 KiB)")
             return Outcome(t0, time.perf_counter(), True, "; ".join(detail))

@@ -161,7 +161,8 @@ def wire_form(message: bytes) -> bytes:
 
 def sample_messages() -> dict[str, bytes]:
     """Small messages for the functional checks: clean, GTUBE (spam), EICAR (virus)."""
-    from miltermonkey_core.testing.stack import EICAR, GTUBE
+    from miltermonkey_av.testing import EICAR
+    from miltermonkey_spam.testing import GTUBE
 
     def msg(tag: str, body: bytes) -> bytes:
         return (

@@ -49,9 +49,13 @@ sys.path.insert(0, str(HERE))
 import loadgen  # noqa: E402
 import messages  # noqa: E402
 import procstats  # noqa: E402
+from miltermonkey_av.testing import Clamd  # noqa: E402
+from miltermonkey_spam.testing import Spamd  # noqa: E402
 
 from miltermonkey_core.testing.daemon import MonkeyProcess  # noqa: E402
-from miltermonkey_core.testing.stack import Clamd, Postfix, SmtpSink, Spamd, free_port  # noqa: E402
+from miltermonkey_core.testing.postfix import Postfix  # noqa: E402
+from miltermonkey_core.testing.process import free_port  # noqa: E402
+from miltermonkey_core.testing.sink import SmtpSink  # noqa: E402
 
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 

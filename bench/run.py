@@ -65,16 +65,13 @@ import loadgen  # noqa: E402
 import messages  # noqa: E402
 import peers  # noqa: E402
 import procstats  # noqa: E402
+from miltermonkey_av.testing import Clamd  # noqa: E402
+from miltermonkey_spam.testing import Spamd  # noqa: E402
 
 from miltermonkey_core.testing.daemon import MonkeyProcess  # noqa: E402
-from miltermonkey_core.testing.stack import (  # noqa: E402
-    Clamd,
-    Postfix,
-    SmtpSink,
-    Spamd,
-    free_port,
-    parse_dump,
-)
+from miltermonkey_core.testing.postfix import Postfix  # noqa: E402
+from miltermonkey_core.testing.process import free_port  # noqa: E402
+from miltermonkey_core.testing.sink import SmtpSink, parse_dump  # noqa: E402
 
 ALL_CONTENDERS = ("none", "smtp-source", "bare", "bare-tuned", "bare-unix", "c-tuned",
                   "mm-trivial", "mm-trivial-unix", "clamav-milter", "mm-av", "spamass-milter",

@@ -6,10 +6,13 @@
   MTA side honours the no-reply and skip flags the daemon negotiated).
 * ``run_brains``: run brain instances over a message in-process, through the
   same engine code as the daemon, for fast unit tests.
-* ``clamd_server``, ``spamd_server``: private engines for the session.
 * ``postfix_stack``: a private Postfix relaying to an ``smtp-sink``, for
   end-to-end tests through a real MTA (skipped when Postfix is not
   installed, unless ``MILTERMONKEY_REQUIRE_STACK=1``).
+
+The engines are the brains' business: ``clamd_server`` comes with
+miltermonkey-av and ``spamd_server`` with miltermonkey-spam (their
+``testing.plugin`` modules), so this plugin stays engine-agnostic.
 """
 
 from __future__ import annotations
@@ -21,7 +24,13 @@ from typing import Any
 import attrs
 import pytest
 
+from miltermonkey_core.testing.client import MessageSpec, run_session
 from miltermonkey_core.testing.daemon import MonkeyProcess
+from miltermonkey_core.testing.part import require_or_skip
+from miltermonkey_core.testing.postfix import Postfix
+from miltermonkey_core.testing.process import free_port
+from miltermonkey_core.testing.sink import SmtpSink
+from miltermonkey_core.testing.smtp import send_mail
 
 
 @pytest.fixture
@@ -53,11 +62,9 @@ def milter_session() -> Callable[..., Any]:
     Returns the MTA client's session result (EOM actions, disposition, and
     the message with the edits applied).
     """
-    from miltermonkey_core.testing import mta
-
     def send(address: Any, raw: bytes, sender: str = "<sender@example.test>",
              recipients: Sequence[str] = ("<rcpt@example.test>",), **kw: Any) -> Any:
-        return mta.run_session(address, [mta.MessageSpec(raw, sender, list(recipients))], **kw)[0]
+        return run_session(address, [MessageSpec(raw, sender, list(recipients))], **kw)[0]
 
     return send
 
@@ -91,8 +98,6 @@ class PostfixStack:
 
     def send(self, raw: bytes, sender: str = "sender@example.test",
              recipients: Sequence[str] = ("rcpt@example.test",)) -> Any:
-        from miltermonkey_core.testing.stack import send_mail
-
         return send_mail(self.smtp_port, raw, sender, list(recipients))
 
     def use_milters(self, spec: str, **params: str) -> None:
@@ -102,13 +107,11 @@ class PostfixStack:
 @pytest.fixture(scope="module")
 def postfix_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostfixStack]:
     """A private Postfix on a free loopback port relaying to an smtp-sink (module scope)."""
-    from miltermonkey_core.testing import stack
-
-    stack.require_or_skip(stack.Postfix)
+    require_or_skip(Postfix)
     base = tmp_path_factory.mktemp("postfix")
-    sink_port, smtp_port = stack.free_port(), stack.free_port()
-    sink = stack.SmtpSink(base / "sink", sink_port)
-    pf = stack.Postfix(base / "pf", smtp_port, sink_port)
+    sink_port, smtp_port = free_port(), free_port()
+    sink = SmtpSink(base / "sink", sink_port)
+    pf = Postfix(base / "pf", smtp_port, sink_port)
     sink.start()
     try:
         pf.start()
@@ -118,38 +121,3 @@ def postfix_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostfixS
             pf.stop()
     finally:
         sink.stop()
-
-
-@pytest.fixture(scope="session")
-def clamd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A private clamd (TCP and UNIX socket) with an EICAR signature, for the session.
-
-    ``clamd_server.tcp_address``, ``.unix_socket``; skipped where clamd is not
-    installed, unless ``MILTERMONKEY_REQUIRE_STACK=1``.
-    """
-    from miltermonkey_core.testing import stack
-
-    stack.require_or_skip(stack.Clamd)
-    clamd = stack.Clamd(tmp_path_factory.mktemp("clamd"), stack.free_port())
-    clamd.start()
-    try:
-        yield clamd
-    finally:
-        clamd.stop()
-
-
-@pytest.fixture(scope="session")
-def spamd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A private spamd with SpamAssassin's shipped rules (``-L``), for the session.
-
-    ``spamd_server.address`` is ``(host, port)``.
-    """
-    from miltermonkey_core.testing import stack
-
-    stack.require_or_skip(stack.Spamd)
-    spamd = stack.Spamd(tmp_path_factory.mktemp("spamd"), stack.free_port())
-    spamd.start()
-    try:
-        yield spamd
-    finally:
-        spamd.stop()

@@ -17,11 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from miltermonkey_av.testing import EICAR, Clamd
 from test_reliability_support import RawMilter, connect_packet, rss_kib, worker_pid
 
-from miltermonkey_core.testing import mta
+from miltermonkey_core.testing.client import MessageSpec, run_session
 from miltermonkey_core.testing.daemon import MonkeyProcess
-from miltermonkey_core.testing.stack import EICAR, Clamd, free_port, parse_dump, require_or_skip
+from miltermonkey_core.testing.part import require_or_skip
+from miltermonkey_core.testing.process import free_port
+from miltermonkey_core.testing.sink import parse_dump
 
 pytestmark = pytest.mark.e2e
 
@@ -175,7 +178,7 @@ def test_raw_ten_thousand_headers_and_over_the_size_limit(tmp_path: Path) -> Non
         out = raw_message(m, headers, qid=b"MANY1")
         assert out[-1][0] == "a"
         m.wait_for_log("MANY1: accept")
-        res = mta.run_session(m.address, [mta.MessageSpec(
+        res = run_session(m.address, [MessageSpec(
             with_headers("too big", b"", b"x" * (2 * 1024 * 1024)), "<a@example.test>",
             ["<b@example.test>"], macros={"eom": {"i": "BIG1"}})])[0]
         assert res.rejected and res.reply is not None and res.reply.code == 552

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from miltermonkey_core.testing.daemon import MonkeyProcess
-from miltermonkey_core.testing.stack import parse_dump
+from miltermonkey_core.testing.sink import parse_dump
 
 pytestmark = pytest.mark.e2e
 

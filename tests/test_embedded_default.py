@@ -5,21 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from miltermonkey_av.testing import Clamd
+from miltermonkey_spam.testing import Spamd
 
 from miltermonkey_core import config
-from miltermonkey_core.testing import stack
+from miltermonkey_core.testing.process import free_port
 
 pytestmark = pytest.mark.engines
 
 
 @pytest.fixture
-def engines(clamd_server: stack.Clamd,
-            spamd_server: stack.Spamd) -> tuple[stack.Clamd, stack.Spamd]:
+def engines(clamd_server: Clamd,
+            spamd_server: Spamd) -> tuple[Clamd, Spamd]:
     return clamd_server, spamd_server
 
 
 def test_trivial_only_when_no_engine_answers(monkeypatch: pytest.MonkeyPatch) -> None:
-    dead = f"127.0.0.1:{stack.free_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     monkeypatch.setattr(config, "CLAMD_DEFAULTS", (f"tcp:{dead}",))
     monkeypatch.setattr(config, "SPAMD_DEFAULTS", (dead,))
     c = config.embedded_default(installed={"trivial": 1, "av": 1, "spam": 1})
@@ -27,7 +29,7 @@ def test_trivial_only_when_no_engine_answers(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_av_and_spam_added_when_clamd_and_spamd_answer(
-    engines: tuple[stack.Clamd, stack.Spamd], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    engines: tuple[Clamd, Spamd], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     clamd, spamd = engines
     missing = tmp_path / "no-such.ctl"

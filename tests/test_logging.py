@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from miltermonkey_core.logs import SUMMARY_LEVEL
+from miltermonkey_core.testing.client import MessageSpec, SessionResult, run_session
 from miltermonkey_core.testing.daemon import MonkeyProcess
-from miltermonkey_core.testing.mta import MessageSpec, SessionResult, run_session
 
 BRAINS = [{"use": "gate"}, {"use": "trivial"}]
 

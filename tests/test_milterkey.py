@@ -36,7 +36,8 @@ from miltermonkey_core.milterkey import (
 )
 from miltermonkey_core.model import message_from_bytes
 from miltermonkey_core.runner import chain_of, run_engine
-from miltermonkey_core.testing import mta
+from miltermonkey_core.testing import cleanup
+from miltermonkey_core.testing.replies import Disposition, Reply
 from miltermonkey_core.verdict import Action
 
 SECRET1 = bytes(range(32))
@@ -517,14 +518,14 @@ def _postfix_apply(message: Message, ctx: MilterContext) -> list[tuple[str, str]
     actions: list[Any] = []
     for e in ctx.edits:
         if isinstance(e, AddHeader):
-            actions.append(mta.AddHeader(e.name, e.value))
+            actions.append(cleanup.AddHeader(e.name, e.value))
         elif isinstance(e, ChangeHeader):
-            actions.append(mta.ChangeHeader(e.index, e.name, e.value or ""))
+            actions.append(cleanup.ChangeHeader(e.index, e.name, e.value or ""))
         else:
             raise AssertionError(f"unexpected edit {e}")
-    result = mta.EomResult(disposition=mta.Disposition.CONTINUE, reply=None, actions=actions,
+    result = cleanup.EomResult(disposition=Disposition.CONTINUE, reply=None, actions=actions,
                            progress_count=0, quarantine_reason=None,
-                           final=mta.Reply("c"))
+                           final=Reply("c"))
     headers = [(h.name, h.value) for h in message.headers]
     return result.apply(headers, b"", "<a@b>", ["<c@d>"]).headers
 

@@ -28,8 +28,9 @@ from miltermonkey_core.milterkey import (
 )
 from miltermonkey_core.model import message_from_bytes
 from miltermonkey_core.plugins import installed_brains
+from miltermonkey_core.testing.cleanup import AppliedMessage
+from miltermonkey_core.testing.client import MilterClient, SessionResult
 from miltermonkey_core.testing.daemon import MonkeyProcess
-from miltermonkey_core.testing.mta import AppliedMessage, MilterClient, SessionResult
 
 FIXTURE = Path(__file__).parent / "brains_fixture"
 HOP1 = "hop1.example.test"

@@ -9,12 +9,18 @@ skipped, its tempfail policy would refuse the message.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from miltermonkey_core.milterkey import generate_secret_file
-from miltermonkey_core.testing import mta, stack
+from miltermonkey_core.testing.client import run_session
 from miltermonkey_core.testing.daemon import MonkeyProcess
+from miltermonkey_core.testing.replies import Disposition
+
+if TYPE_CHECKING:  # the brains are imported only after importorskip
+    from miltermonkey_av.testing import Clamd
+    from miltermonkey_spam.testing import Spamd
 
 pytest.importorskip("miltermonkey_av")
 pytest.importorskip("miltermonkey_spam")
@@ -26,12 +32,12 @@ CLEAN = (b"From: alice@relay.example\r\nTo: bob@mx.example\r\nSubject: quarterly
 
 
 @pytest.fixture
-def engines(clamd_server: stack.Clamd,
-            spamd_server: stack.Spamd) -> tuple[stack.Clamd, stack.Spamd]:
+def engines(clamd_server: Clamd,
+            spamd_server: Spamd) -> tuple[Clamd, Spamd]:
     return clamd_server, spamd_server
 
 
-def brains(clamd: stack.Clamd, spamd: stack.Spamd, av_skip: bool) -> list[dict[str, object]]:
+def brains(clamd: Clamd, spamd: Spamd, av_skip: bool) -> list[dict[str, object]]:
     return [
         {"use": "av", "clamd": [f"tcp:127.0.0.1:{clamd.tcp_address[1]}"],
          "skip_if_key": av_skip},
@@ -40,7 +46,7 @@ def brains(clamd: stack.Clamd, spamd: stack.Spamd, av_skip: bool) -> list[dict[s
 
 
 def test_relay_scans_and_mx_skips_av_but_runs_spam(
-    engines: tuple[stack.Clamd, stack.Spamd], tmp_path: Path
+    engines: tuple[Clamd, Spamd], tmp_path: Path
 ) -> None:
     clamd, spamd = engines
     secret = tmp_path / "miltersecret"
@@ -52,9 +58,9 @@ def test_relay_scans_and_mx_skips_av_but_runs_spam(
                          {**key, "hostname": "mx.example"}, name="mx")
     try:
         with hop1, hop2:
-            first = mta.run_session(hop1.address, [(CLEAN, "<alice@relay.example>",
+            first = run_session(hop1.address, [(CLEAN, "<alice@relay.example>",
                                                     ["<bob@mx.example>"])])[0]
-            assert first.disposition is mta.Disposition.ACCEPT, first
+            assert first.disposition is Disposition.ACCEPT, first
             relayed = first.applied
             assert relayed is not None
             assert relayed.header_values("X-Virus-Status") == ["Clean"]
@@ -64,9 +70,9 @@ def test_relay_scans_and_mx_skips_av_but_runs_spam(
                 .replace("\n", "").replace("\t", "").replace(" ", "")
 
             clamd.stop()  # av must not be needed at the MX any more
-            second = mta.run_session(hop2.address, [(relayed.as_bytes(), "<alice@relay.example>",
+            second = run_session(hop2.address, [(relayed.as_bytes(), "<alice@relay.example>",
                                                      ["<bob@mx.example>"])])[0]
-            assert second.disposition is mta.Disposition.ACCEPT, second
+            assert second.disposition is Disposition.ACCEPT, second
             log = hop2.wait_for_log("trusted milter key: skipping av")
             assert "av=skipped" in log and "spam=ran" in log
             # spam ran at the MX: its status header was written again, exactly once

@@ -24,30 +24,29 @@ from typing import BinaryIO
 import pytest
 
 from miltermonkey_core.testing import milterproto as mp
-from miltermonkey_core.testing.mta import (
+from miltermonkey_core.testing.cleanup import (
     AddHeader,
     AddRecipient,
     AddRecipientPar,
     AppliedMessage,
     ChangeFrom,
     ChangeHeader,
-    ConnectInfo,
     DeleteRecipient,
-    Disposition,
     EomResult,
     InsertHeader,
-    MessageSpec,
-    MilterClient,
-    NegotiationError,
-    PostfixIncompatibleError,
     Quarantine,
     ReplaceBody,
+    parse_message,
+)
+from miltermonkey_core.testing.client import ConnectInfo, MessageSpec, MilterClient, run_session
+from miltermonkey_core.testing.replies import (
+    Disposition,
+    NegotiationError,
+    PostfixIncompatibleError,
     Reply,
     SmtpReply,
     Stage,
     UnnegotiatedActionError,
-    parse_message,
-    run_session,
 )
 
 # ==========================================================================

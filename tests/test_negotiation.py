@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from miltermonkey_core.testing import milterproto as mp
+from miltermonkey_core.testing.client import ConnectInfo, MilterClient, SessionResult
 from miltermonkey_core.testing.daemon import MonkeyProcess
-from miltermonkey_core.testing.mta import ConnectInfo, MilterClient, SessionResult
 
 RAW = b"From: a@example.test\r\nSubject: negotiation\r\n\r\nbody\r\n"
 CLIENT = ConnectInfo(hostname="client.example.test", address="192.0.2.77", port=40001)

@@ -49,8 +49,10 @@ from miltermonkey_core.engine import Engine
 from miltermonkey_core.errors import MonkeyError
 from miltermonkey_core.model import message_from_bytes
 from miltermonkey_core.runner import chain_of, run_engine
-from miltermonkey_core.testing import mta
+from miltermonkey_core.testing.client import MilterClient
 from miltermonkey_core.testing.daemon import MonkeyProcess, render_config
+from miltermonkey_core.testing.milterproto import MilterProtocolError
+from miltermonkey_core.testing.replies import Disposition
 from miltermonkey_core.verdict import Action
 
 # ==========================================================================
@@ -307,7 +309,7 @@ SENDER, RCPTS = "<a@example.test>", ["<b@example.test>"]
 
 
 def send(m: MonkeyProcess, subject: str, timeout: float = 30.0, **kw: Any) -> Any:
-    with mta.MilterClient(m.address, timeout=timeout) as c:
+    with MilterClient(m.address, timeout=timeout) as c:
         c.negotiate()
         return c.send_message(message(subject, **kw), SENDER, RCPTS)
 
@@ -364,10 +366,10 @@ def test_mta_policy_drops_the_connection(workdir: Path) -> None:
                                       {"use": "stamp"}], unix=True)
     start_with_overrides(m, {"fault": {"on_error": "mta"}})
     try:
-        with mta.MilterClient(m.address, timeout=10) as c:
+        with MilterClient(m.address, timeout=10) as c:
             c.negotiate()
             assert c.send_message(message("fine"), SENDER, RCPTS).accepted
-            with pytest.raises(mta.MilterProtocolError):
+            with pytest.raises(MilterProtocolError):
                 c.send_message(message("explode"), SENDER, RCPTS)
         log = m.wait_for_log("dropping the milter connection")
         assert "the MTA's default action decides" in log
@@ -378,7 +380,7 @@ def test_mta_policy_drops_the_connection(workdir: Path) -> None:
 
 def test_double_abort_abort_mid_message_and_quit_nc(workdir: Path) -> None:
     with MonkeyProcess(workdir / "m", [{"use": "gate"}, {"use": "stamp"}], unix=True) as m:
-        with mta.MilterClient(m.address, timeout=10) as c:
+        with MilterClient(m.address, timeout=10) as c:
             c.negotiate()
             assert c.send_message(message("one"), SENDER, RCPTS).accepted
             c.abort()
@@ -406,7 +408,7 @@ def test_double_abort_abort_mid_message_and_quit_nc(workdir: Path) -> None:
 
 def test_cid_timeout_frees_idle_state_and_the_session_can_resume(workdir: Path) -> None:
     with MonkeyProcess(workdir / "m", [{"use": "stamp"}], {"cid_timeout": 1},
-                       unix=True) as m, mta.MilterClient(m.address, timeout=10) as c:
+                       unix=True) as m, MilterClient(m.address, timeout=10) as c:
         c.negotiate()
         c.connect("client.test", port=4242, address="127.0.0.1")
         c.mail(SENDER)
@@ -416,7 +418,7 @@ def test_cid_timeout_frees_idle_state_and_the_session_can_resume(workdir: Path) 
         c.eoh()
         c.body(b"late\r\n")
         r = c.eom()
-        assert r.disposition is mta.Disposition.ACCEPT
+        assert r.disposition is Disposition.ACCEPT
         assert m.wait_for_log("spoke again after cid_timeout")
 
 
@@ -439,7 +441,7 @@ def test_sighup_reload_under_load_drops_nothing_and_refuses_bad_configs(workdir:
             while not stop.is_set():
                 n += 1
                 try:
-                    with mta.MilterClient(m.address, timeout=20) as c:
+                    with MilterClient(m.address, timeout=20) as c:
                         c.negotiate()
                         for _ in range(3):
                             results.append(c.send_message(message(f"load {n}"), SENDER, RCPTS))
@@ -658,7 +660,7 @@ def _mixed_load(address: Any, n_messages: int, n_threads: int = 4) -> dict[str, 
         done = 0
         body = "x" * 2000 + "\r\n"
         while done < per_thread:
-            with mta.MilterClient(address, timeout=30) as c:
+            with MilterClient(address, timeout=30) as c:
                 c.negotiate()
                 for i in range(min(50, per_thread - done)):
                     kind = (done + i) % 10

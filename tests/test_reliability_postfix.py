@@ -37,6 +37,8 @@ from typing import Any
 
 import attrs
 import pytest
+from miltermonkey_av.testing import Clamd
+from miltermonkey_spam.testing import Spamd
 from test_reliability_support import (
     LONG,
     render_brains_reload,
@@ -46,16 +48,11 @@ from test_reliability_support import (
 )
 
 from miltermonkey_core.testing.daemon import MonkeyProcess
-from miltermonkey_core.testing.stack import (
-    Clamd,
-    Postfix,
-    SmtpSink,
-    Spamd,
-    free_port,
-    parse_dump,
-    require_or_skip,
-    send_mail,
-)
+from miltermonkey_core.testing.part import require_or_skip
+from miltermonkey_core.testing.postfix import Postfix
+from miltermonkey_core.testing.process import free_port
+from miltermonkey_core.testing.sink import SmtpSink, parse_dump
+from miltermonkey_core.testing.smtp import send_mail
 
 pytestmark = pytest.mark.e2e
 

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from miltermonkey_core.testing import mta
+from miltermonkey_core.testing.client import run_session
 from miltermonkey_core.testing.daemon import MonkeyProcess
 from miltermonkey_core.testing.milterproto import read_packet, send_packet
 
@@ -122,7 +122,7 @@ def connect_packet(host: str = "client.test", addr: str = "127.0.0.1", port: int
 def alive_and_serving(address: Any, timeout: float = 10.0) -> bool:
     """A well-formed message gets a final answer within ``timeout``."""
     try:
-        res = mta.run_session(address, [(message("probe"), "<a@example.test>",
+        res = run_session(address, [(message("probe"), "<a@example.test>",
                                          ["<b@example.test>"])], timeout=timeout)
     except Exception:
         return False

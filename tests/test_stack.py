@@ -15,23 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from miltermonkey_av.testing import EICAR, EICAR_SIGNATURE, Clamd, instream
+from miltermonkey_spam.testing import GTUBE, Spamd, spamc_request
 
-from miltermonkey_core.testing import stack
-from miltermonkey_core.testing.stack import (
-    EICAR,
-    EICAR_SIGNATURE,
-    GTUBE,
-    Clamd,
-    Postfix,
-    SmtpSink,
-    Spamd,
-    StackError,
-    StackPart,
-    free_port,
-    parse_dump,
-    require_or_skip,
-    send_mail,
-)
+from miltermonkey_core.testing import process
+from miltermonkey_core.testing.part import StackPart, require_or_skip
+from miltermonkey_core.testing.postfix import Postfix
+from miltermonkey_core.testing.process import StackError, free_port
+from miltermonkey_core.testing.sink import SmtpSink, parse_dump
+from miltermonkey_core.testing.smtp import send_mail
 
 CLEAN = b"From: a@example.test\nTo: b@example.test\nSubject: clean\n\nNothing to see here.\n"
 
@@ -124,11 +116,11 @@ def test_parse_dump_rejects_other_files(tmp_path: Path) -> None:
 def test_zombies_count_as_dead() -> None:
     proc = subprocess.Popen(["true"])
     try:
-        assert stack._wait_until(lambda: stack._proc_state(proc.pid) == "Z", 10.0)
-        assert not stack._pid_alive(proc.pid)
+        assert process.wait_until(lambda: process.proc_state(proc.pid) == "Z", 10.0)
+        assert not process.pid_alive(proc.pid)
     finally:
         proc.wait()
-    assert not stack._pid_alive(proc.pid)
+    assert not process.pid_alive(proc.pid)
 
 
 class _Missing(StackPart):
@@ -222,9 +214,9 @@ def test_postfix_relays_to_sink(postfix: Postfix, sink: SmtpSink) -> None:
 def test_sink_clear_and_timeout(sink: SmtpSink) -> None:
     sink.clear()
     assert sink.messages() == []
-    with pytest.raises(stack.StackTimeoutError, match="no message containing"):
+    with pytest.raises(process.StackTimeoutError, match="no message containing"):
         sink.wait_for_text(b"never-sent", timeout=0.2)
-    with pytest.raises(stack.StackTimeoutError, match="0 of 1"):
+    with pytest.raises(process.StackTimeoutError, match="0 of 1"):
         sink.wait_for(1, timeout=0.2)
 
 
@@ -266,9 +258,9 @@ def test_two_instances_reject_defer_hold(stuck_postfix: Postfix, postfix: Postfi
     assert partly.refused["refused@example.test"][0] == 554
 
     # Its next hop is a closed port: the message waits in the deferred queue.
-    assert stack._wait_until(lambda: pf.deferred_count() == 1, 30.0, 0.1), pf.queue()
+    assert process.wait_until(lambda: pf.deferred_count() == 1, 30.0, 0.1), pf.queue()
     pf.flush()  # retried at once, deferred again
-    assert stack._wait_until(lambda: pf.deferred_count() == 1, 30.0, 0.1), pf.queue()
+    assert process.wait_until(lambda: pf.deferred_count() == 1, 30.0, 0.1), pf.queue()
     subprocess.run(["postsuper", "-c", str(pf.config_dir), "-h", "ALL"], check=True)
     assert pf.hold_queue() == [partly.queue_id]
     assert pf.deferred_count() == 0
@@ -305,11 +297,11 @@ def test_context_manager_stops_and_frees_port(tmp_path: Path) -> None:
     port = free_port()
     with SmtpSink(tmp_path / "s", port) as part:
         assert part.is_running()
-        assert stack._port_in_use(port)
+        assert process.port_in_use(port)
         with pytest.raises(StackError, match="already in use"):
             SmtpSink(tmp_path / "s2", port).start()
     assert not part.is_running()
-    assert not stack._port_in_use(port)
+    assert not process.port_in_use(port)
     part.stop()
 
 
@@ -325,21 +317,6 @@ def clamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clamd]:
         yield part
 
 
-def instream_unix(path: Path, data: bytes) -> bytes:
-    """Raw INSTREAM, independent of the helper under test."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(30)
-        sock.connect(str(path))
-        sock.sendall(b"zINSTREAM\0" + len(data).to_bytes(4, "big") + data + b"\0\0\0\0")
-        reply = b""
-        while not reply.endswith(b"\0"):
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            reply += chunk
-    return reply.rstrip(b"\0")
-
-
 @pytest.mark.engines
 def test_clamd_finds_eicar_over_tcp(clamd: Clamd) -> None:
     assert clamd.ping()
@@ -353,9 +330,9 @@ def test_clamd_finds_eicar_over_tcp(clamd: Clamd) -> None:
 @pytest.mark.engines
 def test_clamd_finds_eicar_over_unix_socket(clamd: Clamd) -> None:
     assert clamd.unix_socket.is_socket()
-    found = instream_unix(clamd.unix_socket, EICAR)
-    assert found == f"stream: {EICAR_SIGNATURE} FOUND".encode()
-    assert instream_unix(clamd.unix_socket, CLEAN) == b"stream: OK"
+    found = instream(clamd.unix_socket, EICAR)
+    assert found == f"stream: {EICAR_SIGNATURE} FOUND"
+    assert instream(clamd.unix_socket, CLEAN) == "stream: OK"
     assert clamd.instream(EICAR, via="unix") == f"stream: {EICAR_SIGNATURE} FOUND"
 
 
@@ -366,7 +343,7 @@ def test_clamd_kill_and_restart(clamd: Clamd) -> None:
     clamd.kill()
     assert not clamd.ping()
     assert not clamd.is_running()
-    assert not stack._pid_alive(pid)
+    assert not process.pid_alive(pid)
     clamd.start()  # FixStaleSocket lets it reuse the socket path
     assert clamd.ping()
     assert clamd.instream(EICAR, via="unix").endswith("FOUND")
@@ -400,27 +377,16 @@ def spamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spamd]:
         yield part
 
 
-def spamc_check(address: tuple[str, int], message: bytes) -> bytes:
-    request = b"CHECK SPAMC/1.5\r\nContent-length: %d\r\n\r\n" % len(message) + message
-    with socket.create_connection(address, timeout=60) as sock:
-        sock.sendall(request)
-        sock.shutdown(socket.SHUT_WR)
-        reply = b""
-        while chunk := sock.recv(4096):
-            reply += chunk
-    return reply
-
-
 @pytest.mark.engines
 def test_spamd_flags_gtube(spamd: Spamd) -> None:
     assert spamd.ping()
     gtube = b"From: a@example.test\r\nSubject: gtube\r\n\r\n" + GTUBE + b"\r\n"
-    reply = spamc_check(spamd.address, gtube)
+    reply = spamc_request(spamd.address, "CHECK", gtube)
     assert reply.startswith(b"SPAMD/1.1 0 EX_OK"), reply
     match = re.search(rb"Spam: True ; (-?[0-9.]+) / ([0-9.]+)", reply)
     assert match, reply
     assert float(match.group(1)) >= 1000  # GTUBE alone scores 1000
-    clean = spamc_check(spamd.address, CLEAN.replace(b"\n", b"\r\n"))
+    clean = spamc_request(spamd.address, "CHECK", CLEAN.replace(b"\n", b"\r\n"))
     assert b"Spam: False" in clean, clean
 
 
@@ -428,12 +394,12 @@ def test_spamd_flags_gtube(spamd: Spamd) -> None:
 def test_spamd_kill_and_restart(spamd: Spamd) -> None:
     parent = spamd.pid
     assert parent is not None
-    workers = stack._group_members(parent)
+    workers = process.group_members(parent)
     assert len(workers) >= 2
     spamd.kill()
     assert not spamd.ping()
     assert not spamd.is_running()
-    assert not any(stack._pid_alive(pid) for pid in workers)
+    assert not any(process.pid_alive(pid) for pid in workers)
     t0 = time.monotonic()
     spamd.start()
     assert spamd.ping()

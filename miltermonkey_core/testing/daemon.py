@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from miltermonkey_core.testing.stack import free_port
+from miltermonkey_core.testing.process import free_port
 
 
 def _toml_value(v: Any) -> str:
@@ -99,7 +99,7 @@ class MonkeyProcess:
 
     @property
     def address(self) -> tuple[str, int] | str:
-        """What :class:`~miltermonkey_core.testing.mta.MilterClient` connects to."""
+        """What :class:`~miltermonkey_core.testing.client.MilterClient` connects to."""
         return str(self.socket_path) if self.unix else ("127.0.0.1", self.port)
 
     @property

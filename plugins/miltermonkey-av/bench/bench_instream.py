@@ -1,14 +1,15 @@
 """How fast is INSTREAM, and does a persistent clamd connection (IDSESSION) pay?
 
 Starts a private clamd with the test signature database (the same
-``miltermonkey_core.testing.stack.Clamd`` the tests use) and measures, for
+``miltermonkey_av.testing.Clamd`` the tests use) and measures, for
 2 KB / 50 KB / 1 MB messages (a text part plus a base64 attachment, so
 clamd's MIME decoder does real work):
 
 * ``fresh``: the shipped client, one new connection per scan (TCP and UNIX);
 * ``session``: one IDSESSION connection reused for every scan (a prototype
   written here only to compare; ``zIDSESSION``, then ``zINSTREAM`` per scan,
-  replies prefixed with a request id);
+  framed by the test client's ``write_instream``, replies prefixed with a
+  request id);
 * ``PING`` alone, fresh versus on a session: the pure cost of connecting;
 * ``pool x8``: eight threads scanning through one ClamdPool.
 
@@ -29,12 +30,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from miltermonkey_av.clamd import ClamdClient, ClamdPool, parse_reply
+from miltermonkey_av.testing import Clamd, signature_files, write_instream
 
-from av_helpers import signature_db
-from miltermonkey_av.clamd import ClamdClient, ClamdPool, parse_reply, rechunk
-
-from miltermonkey_core.testing.stack import Clamd, free_port
+from miltermonkey_core.testing.process import free_port
 
 
 def message(size: int) -> bytes:
@@ -71,10 +70,7 @@ class Session:
         return self._reply()
 
     def instream(self, data: bytes) -> str:
-        self.sock.sendall(b"zINSTREAM\0")
-        for chunk in rechunk([data]):
-            self.sock.sendall(len(chunk).to_bytes(4, "big") + chunk)
-        self.sock.sendall(b"\0\0\0\0")
+        write_instream(self.sock, data)
         return self._reply()
 
     def close(self) -> None:
@@ -98,7 +94,7 @@ def main() -> None:
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 2.0
     # Clamd grants its user traversal of the state directory itself.
     d = Path(tempfile.mkdtemp(prefix="mmav-bench-")) / "clamd"
-    c = Clamd(d, free_port(), db_files=signature_db())
+    c = Clamd(d, free_port(), db_files=signature_files())
     c.start()
     try:
         tcp = ClamdClient(f"tcp:127.0.0.1:{c.tcp_port}")

@@ -8,11 +8,11 @@ from typing import Any
 
 from miltermonkey_av.brain import AntiVirusBrain
 from miltermonkey_av.options import AntiVirusOptions
+from miltermonkey_av.testing import Clamd
 
 from miltermonkey_core.engine import Engine
 from miltermonkey_core.monkey import Monkey
 from miltermonkey_core.runner import OfflineResult, chain_of, run_engine
-from miltermonkey_core.testing.stack import Clamd
 
 SIGNATURES = Path(__file__).parent / "signatures"
 SENDER = "<alice@example.org>"

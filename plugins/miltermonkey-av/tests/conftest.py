@@ -1,7 +1,8 @@
 """Fixtures: one real clamd for the whole run, more on demand.
 
 clamd with this tiny database starts in well under a second; the session
-clamd serves every test that does not stop or reconfigure it, and tests
+clamd (the brain's own ``clamd_server`` fixture, shared with the core's
+tests) serves every test that does not stop or reconfigure it, and tests
 that kill an engine get their own through ``make_clamd``.
 """
 
@@ -13,19 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from av_helpers import signature_db, unix
+from av_helpers import unix
 from miltermonkey_av.brain import AntiVirusBrain
+from miltermonkey_av.testing import Clamd, signature_files
 
-from miltermonkey_core.testing.stack import Clamd, free_port, require_or_skip
+from miltermonkey_core.testing.part import require_or_skip
+from miltermonkey_core.testing.process import free_port
 
 
 @pytest.fixture(scope="session")
-def clamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clamd]:
-    require_or_skip(Clamd)
-    c = Clamd(tmp_path_factory.mktemp("clamd"), free_port(), db_files=signature_db())
-    c.start()
-    yield c
-    c.stop()
+def clamd(clamd_server: Clamd) -> Clamd:
+    """The session clamd with every sample's signature."""
+    return clamd_server
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def make_clamd(tmp_path: Path) -> Iterator[Callable[..., Clamd]]:
     started: list[Clamd] = []
 
     def make(cls: type[Clamd] = Clamd, port: int | None = None, start: bool = True) -> Clamd:
-        c = cls(tmp_path / f"clamd{len(started)}", port or free_port(), db_files=signature_db())
+        c = cls(tmp_path / f"clamd{len(started)}", port or free_port(), db_files=signature_files())
         started.append(c)
         if start:
             c.start()

@@ -8,18 +8,19 @@ from collections.abc import Callable
 from email.message import EmailMessage
 from typing import Any
 
-import av_samples
 import pytest
 from av_helpers import RECIPIENTS, RecordingMonkey, SmallStreamClamd, make_brain, run, tcp
 from miltermonkey_av import __version__
 from miltermonkey_av.brain import AntiVirusBrain, needs_for
 from miltermonkey_av.options import AntiVirusOptions
 from miltermonkey_av.result import ScanResult, Status
+from miltermonkey_av.testing import Clamd
+from miltermonkey_av.testing import samples as av_samples
 
 from miltermonkey_core.context import Capability
 from miltermonkey_core.monkey import Monkey
 from miltermonkey_core.runner import OfflineResult
-from miltermonkey_core.testing.stack import Clamd, free_port
+from miltermonkey_core.testing.process import free_port
 from miltermonkey_core.verdict import Action
 
 pytestmark = pytest.mark.engines

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-import av_samples
 import pytest
 from av_helpers import SmallStreamClamd, tcp, unix
 from miltermonkey_av.clamd import ClamdAddress, ClamdClient, ClamdPool, parse_reply, rechunk
@@ -20,8 +17,10 @@ from miltermonkey_av.errors import (
     ScanTimeout,
 )
 from miltermonkey_av.result import Status
+from miltermonkey_av.testing import Clamd, FakeClamd, read_instream
+from miltermonkey_av.testing import samples as av_samples
 
-from miltermonkey_core.testing.stack import Clamd, free_port
+from miltermonkey_core.testing.process import free_port
 
 # --- addresses and replies (no clamd needed) -----------------------------------------------
 
@@ -198,53 +197,6 @@ def test_all_dead_raises_unavailable_naming_each() -> None:
 # --- engines that misbehave ---------------------------------------------------------------
 
 
-class FakeClamd:
-    """A TCP server that reads the request and then does what ``behave`` says."""
-
-    def __init__(self, behave: Callable[[socket.socket], None]) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        self.behave = behave
-        self.connections = 0
-        self._stop = False
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    @property
-    def address(self) -> str:
-        return f"tcp:127.0.0.1:{self.port}"
-
-    def _serve(self) -> None:
-        while not self._stop:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):
-            self.behave(conn)
-
-    def close(self) -> None:
-        self._stop = True
-        self.sock.close()
-
-
-def _read_instream(conn: socket.socket) -> bytes:
-    data = b""
-    conn.settimeout(5)
-    while not data.endswith(b"\0\0\0\0"):
-        chunk = conn.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 @pytest.fixture
 def fake() -> Iterator[Callable[[Callable[[socket.socket], None]], FakeClamd]]:
     made: list[FakeClamd] = []
@@ -261,7 +213,7 @@ def fake() -> Iterator[Callable[[Callable[[socket.socket], None]], FakeClamd]]:
 
 def test_hung_clamd_times_out_within_the_budget(fake: Callable[..., FakeClamd]) -> None:
     def hang(conn: socket.socket) -> None:
-        _read_instream(conn)
+        read_instream(conn)
         time.sleep(3)
 
     f = fake(hang)
@@ -275,7 +227,7 @@ def test_hung_clamd_times_out_within_the_budget(fake: Callable[..., FakeClamd]) 
 
 def test_clamd_closing_without_reply_fails_over(fake: Callable[..., FakeClamd],
                                                 clamd: Clamd) -> None:
-    f = fake(lambda conn: (_read_instream(conn), None)[1])
+    f = fake(lambda conn: (read_instream(conn), None)[1])
     pool = ClamdPool([f.address, tcp(clamd)])
     assert pool.scan(lambda: [b"hello"]).clean
     with pytest.raises(EngineProtocolError, match="without a reply"):
@@ -284,7 +236,7 @@ def test_clamd_closing_without_reply_fails_over(fake: Callable[..., FakeClamd],
 
 def test_garbage_reply_is_an_error_not_clean(fake: Callable[..., FakeClamd]) -> None:
     def garbage(conn: socket.socket) -> None:
-        _read_instream(conn)
+        read_instream(conn)
         conn.sendall(b"220 smtp.example.org ESMTP\r\n")
 
     f = fake(garbage)
@@ -295,7 +247,7 @@ def test_garbage_reply_is_an_error_not_clean(fake: Callable[..., FakeClamd]) -> 
 def test_error_reply_tries_next_clamd_without_marking_it_dead(
         fake: Callable[..., FakeClamd], clamd: Clamd) -> None:
     def error(conn: socket.socket) -> None:
-        _read_instream(conn)
+        read_instream(conn)
         conn.sendall(b"stream: Can't allocate memory ERROR\0")
 
     f = fake(error)

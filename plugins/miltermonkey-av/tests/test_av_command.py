@@ -9,7 +9,6 @@ import stat
 import time
 from pathlib import Path
 
-import av_samples
 import pytest
 from av_helpers import SIGNATURES, RecordingMonkey, make_brain, run
 from miltermonkey_av.command import (
@@ -20,9 +19,10 @@ from miltermonkey_av.command import (
 )
 from miltermonkey_av.errors import EngineReportedError, EngineUnavailable, ScanTimeout
 from miltermonkey_av.result import Status
+from miltermonkey_av.testing import Clamd
+from miltermonkey_av.testing import samples as av_samples
 
 from miltermonkey_core.model import message_from_bytes
-from miltermonkey_core.testing.stack import Clamd
 from miltermonkey_core.verdict import Action
 
 CLAMSCAN = shutil.which("clamscan")

@@ -20,20 +20,16 @@ from email.message import EmailMessage
 from typing import Any
 
 import attrs
-import av_samples
 import pytest
 from av_helpers import tcp, unix
+from miltermonkey_av.testing import Clamd
+from miltermonkey_av.testing import samples as av_samples
 
 from miltermonkey_core.testing.daemon import MonkeyProcess
-from miltermonkey_core.testing.stack import (
-    Clamd,
-    Postfix,
-    SinkMessage,
-    SmtpSink,
-    free_port,
-    parse_dump,
-    require_or_skip,
-)
+from miltermonkey_core.testing.part import require_or_skip
+from miltermonkey_core.testing.postfix import Postfix
+from miltermonkey_core.testing.process import free_port
+from miltermonkey_core.testing.sink import SinkMessage, SmtpSink, parse_dump
 
 pytestmark = [pytest.mark.e2e, pytest.mark.engines]
 

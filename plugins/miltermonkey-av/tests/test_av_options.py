@@ -222,8 +222,8 @@ def test_unusable_sender_addresses(addr: str) -> None:
 
 
 def test_committed_signatures_match_the_samples() -> None:
-    import av_samples
     from av_helpers import signature_db
+    from miltermonkey_av.testing import samples as av_samples
 
     assert signature_db() == av_samples.signature_files()
 

@@ -13,19 +13,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import av_samples
 import pytest
 from av_helpers import tcp, unix
+from miltermonkey_av.testing import Clamd
+from miltermonkey_av.testing import samples as av_samples
 
-from miltermonkey_core.testing import mta
+from miltermonkey_core.testing.client import SessionResult, run_session
 from miltermonkey_core.testing.daemon import MonkeyProcess
-from miltermonkey_core.testing.stack import (
-    Clamd,
-    SmtpSink,
-    free_port,
-    parse_dump,
-    require_or_skip,
-)
+from miltermonkey_core.testing.part import require_or_skip
+from miltermonkey_core.testing.process import free_port
+from miltermonkey_core.testing.sink import SmtpSink, parse_dump
 
 pytestmark = pytest.mark.engines
 
@@ -34,9 +31,9 @@ RCPTS = ["<bob@example.net>"]
 
 
 def send(m: MonkeyProcess, samples: list[av_samples.Sample] | tuple[av_samples.Sample, ...],
-         sender: str = SENDER) -> list[mta.SessionResult]:
+         sender: str = SENDER) -> list[SessionResult]:
     """Every sample as one message of one milter session."""
-    return mta.run_session(m.address, [(s.raw, sender, RCPTS) for s in samples])
+    return run_session(m.address, [(s.raw, sender, RCPTS) for s in samples])
 
 
 @pytest.fixture(scope="module")

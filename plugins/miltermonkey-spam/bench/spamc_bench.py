@@ -32,9 +32,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from miltermonkey_spam.spamc import SpamcClient
+from miltermonkey_spam.testing import Spamd
 
-from miltermonkey_core.testing import mta, stack
+from miltermonkey_core.testing.client import MessageSpec, run_session
 from miltermonkey_core.testing.daemon import MonkeyProcess
+from miltermonkey_core.testing.process import free_port
 
 WORDS = (
     "the", "meeting", "notes", "from", "tuesday", "are", "attached", "below", "please",
@@ -91,12 +93,12 @@ def main() -> int:
     raw = message(args.size)
     work = Path(tempfile.mkdtemp(prefix="spam-bench-"))
     work.chmod(0o755)
-    own: stack.Spamd | None = None
+    own: Spamd | None = None
     try:
         if args.spamd:
             address = args.spamd
         else:
-            own = stack.Spamd(work / "spamd", stack.free_port())
+            own = Spamd(work / "spamd", free_port())
             t0 = time.perf_counter()
             own.start()
             print(f"spamd started in {time.perf_counter() - t0:.2f} s "
@@ -152,9 +154,9 @@ def main() -> int:
                 per = max(1, args.n // args.c)
 
                 def session(_i: int) -> None:
-                    res = mta.run_session(m.address, [mta.MessageSpec(raw, "<a@example.com>",
-                                                                      ["<b@example.org>"])] * per,
-                                          timeout=60)
+                    res = run_session(m.address, [MessageSpec(raw, "<a@example.com>",
+                                                              ["<b@example.org>"])] * per,
+                                      timeout=60)
                     bad = [f"{x.disposition.name} {x.reply}" for x in res if not x.accepted]
                     if bad:
                         print(f"  not accepted: {bad[:3]} ...; log tail:\n{m.log()[-1500:]}")

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from miltermonkey_spam import SpamBrain, SpamOptions
 from miltermonkey_spam import headers as hdr
-from spam_samples import FakeSpamd, ham, spam
+from miltermonkey_spam.testing import FakeSpamd, ham, spam
 
 from miltermonkey_core.config import BrainEntry, build_brain_options
 from miltermonkey_core.context import Capability

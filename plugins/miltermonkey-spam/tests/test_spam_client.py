@@ -21,7 +21,9 @@ from miltermonkey_spam.spamc import (
     parse_response,
     parse_spam_header,
 )
-from spam_samples import GTUBE, FakeSpamd, blackhole, ham, spam, unix_relay
+from miltermonkey_spam.testing import GTUBE, FakeSpamd, ham, spam
+
+from miltermonkey_core.testing.fakeserver import blackhole, unix_relay
 
 CHECK_SPAM = b"SPAMD/1.1 0 EX_OK\r\nSpam: True ; 15.3 / 5.0\r\n\r\n"
 CHECK_HAM = b"SPAMD/1.1 0 EX_OK\r\nSpam: False ; 1.2 / 5.0\r\n\r\n"

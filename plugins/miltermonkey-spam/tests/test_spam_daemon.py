@@ -1,6 +1,6 @@
 """The spam brain inside a real MilterMonkey daemon, driven over the milter protocol.
 
-The MTA side is the core's strict client (``testing.mta``): it honours the
+The MTA side is the core's strict client (``testing.client``): it honours the
 negotiated steps, macros and actions the way Postfix does and refuses edits
 that were not negotiated, so these tests prove the brain's Needs as well.
 """
@@ -11,26 +11,29 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from spam_samples import ham, spam
+from miltermonkey_spam.testing import Spamd, ham, spam
 
-from miltermonkey_core.testing import mta, stack
+from miltermonkey_core.testing.client import ConnectInfo, MessageSpec, SessionResult, run_session
 from miltermonkey_core.testing.daemon import MonkeyProcess
 from miltermonkey_core.testing.milterproto import SMFIM_ENVFROM
+from miltermonkey_core.testing.part import require_or_skip
+from miltermonkey_core.testing.process import free_port
+from miltermonkey_core.testing.replies import Stage
 
 pytestmark = pytest.mark.engines
 
 SENDER = "<sender@example.com>"
 RCPTS = ["<rcpt@example.org>"]
 #: The MTA client's default client address is in TEST-NET (RCVD_ILLEGAL_IP, +1.3).
-LOCAL = mta.ConnectInfo(hostname="localhost", address="127.0.0.1")
+LOCAL = ConnectInfo(hostname="localhost", address="127.0.0.1")
 
 
-def send(m: MonkeyProcess, *raws: bytes, **kw: Any) -> list[mta.SessionResult]:
-    return mta.run_session(m.address, [mta.MessageSpec(r, SENDER, RCPTS) for r in raws],
+def send(m: MonkeyProcess, *raws: bytes, **kw: Any) -> list[SessionResult]:
+    return run_session(m.address, [MessageSpec(r, SENDER, RCPTS) for r in raws],
                            timeout=30, **kw)
 
 
-def header_values(r: mta.SessionResult, name: str) -> list[str]:
+def header_values(r: SessionResult, name: str) -> list[str]:
     assert r.applied is not None, r
     return r.applied.header_values(name)
 
@@ -67,7 +70,7 @@ def test_reject_score_rejects_in_smtp(spamd_address: str, tmp_path: Path) -> Non
     brains = spam_brain(servers=[spamd_address], reject_score=15)
     with MonkeyProcess(tmp_path / "m", brains) as m:
         bad, good = send(m, spam(), ham())
-    assert bad.rejected and bad.decided_at is mta.Stage.EOM
+    assert bad.rejected and bad.decided_at is Stage.EOM
     assert bad.reply is not None and bad.reply.code == 550
     assert "5.7.1" in str(bad.reply) and "Blocked by SpamAssassin" in str(bad.reply)
     assert good.accepted
@@ -96,8 +99,8 @@ def test_authenticated_sender_skipped(spamd_address: str, tmp_path: Path) -> Non
 def test_trusted_network_skipped_loopback_scanned(spamd_address: str, tmp_path: Path) -> None:
     brains = spam_brain(servers=[spamd_address], trusted_networks=["192.0.2.0/24"])
     with MonkeyProcess(tmp_path / "m", brains) as m:
-        [inside] = send(m, spam(), connect_info=mta.ConnectInfo(address="192.0.2.7"))
-        [loop] = send(m, spam(), connect_info=mta.ConnectInfo(hostname="localhost",
+        [inside] = send(m, spam(), connect_info=ConnectInfo(address="192.0.2.7"))
+        [loop] = send(m, spam(), connect_info=ConnectInfo(hostname="localhost",
                                                               address="127.0.0.1"))
     assert header_values(inside, "X-Spam-Status") == []
     assert header_values(loop, "X-Spam-Flag") == ["YES"]
@@ -113,7 +116,7 @@ def test_oversize_message_is_not_scanned(spamd_address: str, tmp_path: Path) -> 
 
 
 def test_failover_to_second_address(spamd_address: str, tmp_path: Path) -> None:
-    dead = f"127.0.0.1:{stack.free_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     with MonkeyProcess(tmp_path / "m", spam_brain(servers=[dead, spamd_address])) as m:
         first, second = send(m, spam(), spam("again"))
         log = m.wait_for_log("is down")
@@ -124,8 +127,8 @@ def test_failover_to_second_address(spamd_address: str, tmp_path: Path) -> None:
 
 def test_spamd_stopped_mid_run(tmp_path: Path) -> None:
     """spamd dies under a running daemon: tag (default) or tempfail; it recovers."""
-    stack.require_or_skip(stack.Spamd)
-    own = stack.Spamd(tmp_path / "spamd", stack.free_port())
+    require_or_skip(Spamd)
+    own = Spamd(tmp_path / "spamd", free_port())
     own.start()
     try:
         addr = f"127.0.0.1:{own.port}"

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from spam_samples import ham, spam
+from miltermonkey_spam.testing import ham, spam
 
 from miltermonkey_core.testing.daemon import MonkeyProcess
-from miltermonkey_core.testing.stack import parse_dump
+from miltermonkey_core.testing.sink import parse_dump
 
 pytestmark = [pytest.mark.e2e, pytest.mark.engines]
 

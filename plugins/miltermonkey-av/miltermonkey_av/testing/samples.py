@@ -1,7 +1,8 @@
-"""Test mail for the AV brain, and the signatures that detect it.
+"""Test mail for the AV brain, and the clamd signatures that detect it.
 
-Run ``python av_samples.py OUTDIR`` to write every sample as ``OUTDIR/NAME.eml``
-(to feed them to a real MTA by hand); the tests import :data:`SAMPLES`.
+Run ``python -m miltermonkey_av.testing.samples OUTDIR`` to write every
+sample as ``OUTDIR/NAME.eml`` (to feed them to a real MTA by hand); tests use
+:data:`SAMPLES`, :func:`sample` and the markers.
 
 Why generated instead of committed .eml files: a desktop scanner on a
 developer's machine would quarantine a checked-in EICAR file, and the
@@ -9,10 +10,10 @@ encodings (zip, base64, quoted-printable, nested message/rfc822) are easier
 to review as the code that builds them.  Every sample is built
 deterministically, so the bytes are the same on every run.
 
-The markers are strings invented for this project; ``signatures/`` holds
-the ClamAV signatures for them (hex ``.ndb`` body signatures and one
-``.hdb`` MD5 file signature).  :func:`signature_files` regenerates that
-database from this module, and a test checks the committed files match.
+The markers are strings invented for this project.  :func:`signature_files`
+is the ClamAV database for them (hex ``.ndb`` body signatures and one
+``.hdb`` MD5 file signature); the ``clamd_server`` fixture loads it, and the
+brain's tests keep a committed copy for ``clamscan -d``.
 """
 
 from __future__ import annotations
@@ -28,10 +29,32 @@ from pathlib import Path
 
 import attrs
 
-#: The 68-byte EICAR test string, split so this file is not itself "infected".
+__all__ = [
+    "ALPHA",
+    "CLEAN",
+    "EICAR",
+    "EICAR_DATABASE",
+    "EICAR_SIGNATURE",
+    "HASH_PAYLOAD",
+    "INFECTED",
+    "NAME_ALPHA",
+    "NAME_EICAR",
+    "NAME_HASH",
+    "NAME_QP",
+    "NAME_WORM",
+    "QP",
+    "SAMPLES",
+    "WORM",
+    "Sample",
+    "sample",
+    "signature_files",
+]
+
+#: The 68-byte EICAR anti-virus test string, split so that no scanner on a
+#: developer's machine quarantines this source file.
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 
-#: Invented marker strings; each has a signature in ``signatures/``.
+#: Invented marker strings; each has a signature in :func:`signature_files`.
 ALPHA = b"MilterMonkey-AV test marker ALPHA 5b2f0c1e8d7a4c339e416a0f2d9b7c15"
 WORM = b"MilterMonkey-AV test marker WORM 0c9e1f5a77d34b2e8f1a6c0d3b5e7a91"
 #: Contains '=' and is longer than a quoted-printable line, so its encoded
@@ -41,37 +64,46 @@ QP = (b"MilterMonkey-AV=quoted=printable=marker=" + b"7d1c0b9a2e8f4a6b" * 4 + b"
 HASH_PAYLOAD = b"MilterMonkey-AV hash signature payload\n" * 40
 
 SUFFIX = ".UNOFFICIAL"  # clamd appends it to every signature it did not ship
-NAME_EICAR = "MilterMonkey.Test.EICAR" + SUFFIX
+#: The name clamd reports for :data:`EICAR` with these signatures.
+EICAR_SIGNATURE = "MilterMonkey.Test.EICAR" + SUFFIX
+NAME_EICAR = EICAR_SIGNATURE
 NAME_ALPHA = "MilterMonkey.Test.Alpha" + SUFFIX
 NAME_WORM = "MilterMonkey.Test.Worm.Mydoom" + SUFFIX
 NAME_QP = "MilterMonkey.Test.QP" + SUFFIX
 NAME_HASH = "MilterMonkey.Test.Hash" + SUFFIX
 
-SIGNATURE_DIR = Path(__file__).parent / "signatures"
+
+def _ndb(name: str, data: bytes) -> str:
+    # Name:TargetType:Offset:HexSignature  (0 = any file, * = any offset)
+    return f"{name.removesuffix(SUFFIX)}:0:*:{data.hex()}\n"
+
+
+#: The smallest database clamd starts with (it refuses an empty one): EICAR only.
+EICAR_DATABASE = {"miltermonkey-eicar.ndb": _ndb(EICAR_SIGNATURE, EICAR)}
 
 
 def signature_files() -> dict[str, str]:
-    """The signature database, as ``{file name: content}``.
+    """The signature database for every sample, as ``{file name: content}``.
 
-    ``miltermonkey-eicar.ndb`` has the same file name as the default database
-    of ``miltermonkey_core.testing.stack.Clamd``, so passing these files
-    replaces it instead of loading EICAR twice.
+    ``miltermonkey-eicar.ndb`` is also the file of :data:`EICAR_DATABASE`, the
+    clamd part's default, so passing these files to it replaces that file
+    instead of loading EICAR twice.
     """
-    def ndb(name: str, data: bytes) -> str:
-        # Name:TargetType:Offset:HexSignature  (0 = any file, * = any offset)
-        return f"{name.removesuffix(SUFFIX)}:0:*:{data.hex()}\n"
-
     return {
-        "miltermonkey-eicar.ndb": ndb(NAME_EICAR, EICAR),
-        "miltermonkey-av.ndb": ndb(NAME_ALPHA, ALPHA) + ndb(NAME_WORM, WORM) + ndb(NAME_QP, QP),
-        # MD5:FileSize:Name
-        "miltermonkey-av.hdb": (f"{hashlib.md5(HASH_PAYLOAD).hexdigest()}:"
-                                f"{len(HASH_PAYLOAD)}:{NAME_HASH.removesuffix(SUFFIX)}\n"),
+        **EICAR_DATABASE,
+        "miltermonkey-av.ndb": _ndb(NAME_ALPHA, ALPHA) + _ndb(NAME_WORM, WORM) + _ndb(NAME_QP, QP),
+        # MD5:FileSize:Name (ClamAV's hash signatures are MD5; no security involved)
+        "miltermonkey-av.hdb": (
+            f"{hashlib.md5(HASH_PAYLOAD, usedforsecurity=False).hexdigest()}:"
+            f"{len(HASH_PAYLOAD)}:{NAME_HASH.removesuffix(SUFFIX)}\n"
+        ),
     }
 
 
 @attrs.frozen
 class Sample:
+    """One test message and what clamd must say about it."""
+
     name: str
     raw: bytes
     #: The virus name clamd reports, or None for clean mail.
@@ -242,6 +274,7 @@ INFECTED = tuple(s for s in SAMPLES if s.expect is not None)
 
 
 def sample(name: str) -> Sample:
+    """The sample called *name*; tests pick single samples by name, not by position."""
     for s in SAMPLES:
         if s.name == name:
             return s
@@ -249,6 +282,7 @@ def sample(name: str) -> Sample:
 
 
 def main(argv: list[str]) -> int:
+    """Write every sample as an .eml file, to send them through a real MTA by hand."""
     if len(argv) != 2:
         print(f"usage: {argv[0]} OUTDIR", file=sys.stderr)
         return 2
