@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["tests", "lint", "types"]
+nox.options.sessions = ["tests", "lint", "types", "layers"]
 nox.options.reuse_existing_virtualenvs = True
 
 PACKAGES = ["-e", ".", "-e", "plugins/miltermonkey-av", "-e", "plugins/miltermonkey-spam",
             "-e", "tests/fixture_brains", "-e", "tests/brains_fixture"]
 
 
+#: pymilter is no part of the daemon: the test suite uses it as an independent
+#: milter to check the test kit's MTA side against, and the benchmarks as the
+#: bare-milter contender.
+DEV_TOOLS = ["pytest>=8", "hypothesis>=6.100", "pymilter>=1.0.5"]
+
+
 def install_project(session: nox.Session) -> None:
     session.install(*PACKAGES)
-    session.install("pytest>=8", "hypothesis>=6.100")
+    session.install(*DEV_TOOLS)
 
 
 @nox.session
@@ -41,6 +47,14 @@ def lint(session: nox.Session) -> None:
     """ruff over everything."""
     session.install("ruff>=0.5")
     session.run("ruff", "check", "miltermonkey_core", "plugins", "tests", "noxfile.py")
+
+
+@nox.session
+def layers(session: nox.Session) -> None:
+    """import-linter: each layer of the core imports only the ones below it."""
+    install_project(session)
+    session.install("import-linter>=2.1")
+    session.run("lint-imports")
 
 
 @nox.session

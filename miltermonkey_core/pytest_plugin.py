@@ -75,11 +75,14 @@ def run_brains() -> Callable[..., Any]:
 
     Brains are instances (``MyBrain(MyBrain.Options(), Monkey(), "name")``);
     they run in the order given.  Returns an
-    :class:`~miltermonkey_core.runner.OfflineResult`.
+    :class:`~miltermonkey_core.engine.offline.OfflineResult`.
     """
-    from miltermonkey_core.engine import Engine
-    from miltermonkey_core.monkey import Monkey
-    from miltermonkey_core.runner import chain_of, run_engine
+    # Imported when a test asks for the fixture: pytest loads this plugin in
+    # every test run of an environment where the core is installed.
+    from miltermonkey_core.contract.monkey import Monkey  # noqa: PLC0415 - start-up cost
+    from miltermonkey_core.engine.build import chain_of  # noqa: PLC0415 - start-up cost
+    from miltermonkey_core.engine.offline import run_engine  # noqa: PLC0415 - start-up cost
+    from miltermonkey_core.engine.session import Engine  # noqa: PLC0415 - start-up cost
 
     def run(*brains: Any, raw: bytes, **kw: Any) -> Any:
         engine = Engine(chain_of(*brains), Monkey())

@@ -235,7 +235,6 @@ def eml(tmp_path: Path, subject: str) -> Path:
 
 
 def test_try_clean_message(env: dict[str, str], tmp_path: Path, try_config: Path) -> None:
-    pytest.importorskip("miltermonkey_core.runner")
     r = mm(env, "try", eml(tmp_path, "hello"), "-c", try_config, "--from", "alice@example.test",
            "--to", "bob@example.test", "--macro", "i=4XyZ", "--show-message")
     assert r.returncode == 0, r.stderr
@@ -249,7 +248,6 @@ def test_try_clean_message(env: dict[str, str], tmp_path: Path, try_config: Path
 
 
 def test_try_rejected_message(env: dict[str, str], tmp_path: Path, try_config: Path) -> None:
-    pytest.importorskip("miltermonkey_core.runner")
     r = mm(env, "try", eml(tmp_path, "VIRUS"), "-c", try_config)
     assert r.returncode == 5, r.stdout + r.stderr
     assert r.stdout.startswith("verdict: reject 550 5.7.1 virus found")
@@ -259,14 +257,12 @@ def test_try_rejected_message(env: dict[str, str], tmp_path: Path, try_config: P
 
 def test_try_failing_brain_tempfails(env: dict[str, str], tmp_path: Path,
                                      try_config: Path) -> None:
-    pytest.importorskip("miltermonkey_core.runner")
     r = mm(env, "try", eml(tmp_path, "CRASH"), "-c", try_config)
     assert r.returncode == 4, r.stdout + r.stderr
     assert r.stdout.startswith("verdict: tempfail 451")
 
 
 def test_try_from_stdin_and_missing_file(env: dict[str, str], tmp_path: Path) -> None:
-    pytest.importorskip("miltermonkey_core.runner")
     r = mm(env, "try", "-", stdin=MESSAGE % b"hi")
     assert r.returncode == 0 and "trivial: add header X-MilterMonkey" in r.stdout
     r = mm(env, "try", tmp_path / "nope.eml")

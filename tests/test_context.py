@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from miltermonkey_core.context import (
+from miltermonkey_core.contract.context import MilterContext
+from miltermonkey_core.contract.edits import (
     AddHeader,
     Capability,
     ChangeHeader,
     InsertHeader,
-    MilterContext,
     safe_header_value,
 )
-from miltermonkey_core.model import message_from_bytes
-from miltermonkey_core.verdict import Action
+from miltermonkey_core.contract.model import message_from_bytes
+from miltermonkey_core.contract.verdict import Action
 
 RAW = (b"Received: from a\r\nReceived: from b\r\nSubject: hi\r\n"
        b"X-Spam-Flag: YES\r\nX-Spam-Flag: YES\r\n\r\nbody\r\n")

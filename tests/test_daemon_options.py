@@ -8,9 +8,10 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from miltermonkey_core import Brain, Connection, Message, Monkey, hookimpl
-from miltermonkey_core.daemon import SessionRegistry, WorkerPool
-from miltermonkey_core.engine import Engine
-from miltermonkey_core.runner import chain_of
+from miltermonkey_core.engine.build import chain_of
+from miltermonkey_core.engine.session import Engine
+from miltermonkey_core.server.pool import WorkerPool
+from miltermonkey_core.server.registry import SessionRegistry
 
 
 def test_threads_caps_concurrent_jobs() -> None:

@@ -8,12 +8,13 @@ from typing import ClassVar
 import pytest
 
 from miltermonkey_core import Brain, Message, MilterContext, Monkey, Needs, Verdict, hookimpl
-from miltermonkey_core.dispatch import UNCHECKED_HEADER, BrainSlot, Chain
-from miltermonkey_core.engine import Engine
+from miltermonkey_core.contract.verdict import Action
+from miltermonkey_core.engine.build import chain_of
+from miltermonkey_core.engine.chain import UNCHECKED_HEADER, BrainSlot, Chain
+from miltermonkey_core.engine.offline import run_engine
+from miltermonkey_core.engine.session import Engine
 from miltermonkey_core.errors import BrainLoadError
 from miltermonkey_core.plugins import new_plugin_manager, register
-from miltermonkey_core.runner import chain_of, run_engine
-from miltermonkey_core.verdict import Action
 
 RAW = b"Subject: test\r\nMessage-ID: <1@x>\r\n\r\nhello\r\n"
 

@@ -32,8 +32,6 @@ Monkeys = Callable[..., MonkeyProcess]
 ORDER_BUG = ("Sendmail inserts a header added with smfi_addheader above the first header of "
              "that name (headers.c), so same-name headers come out above the message's own "
              "and in reverse config order (issue 15)")
-QUEUE_ID_BUG = ("with only brains that need no envelope the accept line names the session, "
-                "not Sendmail's queue id: macro i is read before the message exists (issue 15)")
 
 
 @attrs.define
@@ -368,8 +366,7 @@ def test_several_messages_in_one_session_with_rset(
 
 
 @pytest.mark.parametrize("brain", [
-    pytest.param({"use": "trivial"}, id="trivial",
-                 marks=pytest.mark.xfail(strict=True, reason=QUEUE_ID_BUG)),
+    pytest.param({"use": "trivial"}, id="trivial"),
     pytest.param({"use": "stamp"}, id="envelope-brain"),
 ])
 def test_queue_id_in_the_per_message_log_line(

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import miltermonkey_av.brain
+import miltermonkey_spam.brain
 import pytest
 from miltermonkey_av.testing import Clamd
 from miltermonkey_spam.testing import Spamd
 
-from miltermonkey_core import config
+from miltermonkey_core import config, plugins
 from miltermonkey_core.testing.process import free_port
 
 pytestmark = pytest.mark.engines
@@ -22,9 +24,11 @@ def engines(clamd_server: Clamd,
 
 def test_trivial_only_when_no_engine_answers(monkeypatch: pytest.MonkeyPatch) -> None:
     dead = f"127.0.0.1:{free_port()}"
-    monkeypatch.setattr(config, "CLAMD_DEFAULTS", (f"tcp:{dead}",))
-    monkeypatch.setattr(config, "SPAMD_DEFAULTS", (dead,))
-    c = config.embedded_default(installed={"trivial": 1, "av": 1, "spam": 1})
+    monkeypatch.setattr(miltermonkey_av.brain, "CLAMD_DEFAULTS", (f"tcp:{dead}",))
+    monkeypatch.setattr(miltermonkey_spam.brain, "SPAMD_DEFAULTS", (dead,))
+    installed = plugins.installed_brains()
+    c = config.embedded_default(installed=installed,
+                                detected=plugins.detect_local_engines(installed))
     assert [b.use for b in c.brains] == ["trivial"]
 
 
@@ -33,13 +37,18 @@ def test_av_and_spam_added_when_clamd_and_spamd_answer(
 ) -> None:
     clamd, spamd = engines
     missing = tmp_path / "no-such.ctl"
-    monkeypatch.setattr(config, "CLAMD_DEFAULTS",
+    monkeypatch.setattr(miltermonkey_av.brain, "CLAMD_DEFAULTS",
                         (f"unix:{missing}", f"unix:{clamd.unix_socket}"))
-    monkeypatch.setattr(config, "SPAMD_DEFAULTS", (f"127.0.0.1:{spamd.address[1]}",))
-    c = config.embedded_default(installed={"trivial": 1, "av": 1, "spam": 1})
+    monkeypatch.setattr(miltermonkey_spam.brain, "SPAMD_DEFAULTS",
+                        (f"127.0.0.1:{spamd.address[1]}",))
+    installed = plugins.installed_brains()
+    c = config.embedded_default(installed=installed,
+                                detected=plugins.detect_local_engines(installed))
     assert [b.use for b in c.brains] == ["trivial", "av", "spam"]
     assert c.brains[1].options == {"clamd": [f"unix:{clamd.unix_socket}"]}
     assert c.brains[2].options == {"servers": [f"127.0.0.1:{spamd.address[1]}"]}
     # not installed: not added, even with the engine up
-    c = config.embedded_default(installed={"trivial": 1})
+    only_trivial = {"trivial": installed["trivial"]}
+    c = config.embedded_default(installed=only_trivial,
+                                detected=plugins.detect_local_engines(only_trivial))
     assert [b.use for b in c.brains] == ["trivial"]

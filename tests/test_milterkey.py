@@ -19,10 +19,14 @@ import attrs
 import pytest
 
 from miltermonkey_core import Brain, Message, MilterContext, Monkey, Needs, hookimpl
-from miltermonkey_core.cli_key import add_key_commands
-from miltermonkey_core.context import AddHeader, ChangeHeader
-from miltermonkey_core.dispatch import BrainResult
-from miltermonkey_core.engine import Engine
+from miltermonkey_core.cli.key import add_key_commands
+from miltermonkey_core.contract.edits import AddHeader, ChangeHeader
+from miltermonkey_core.contract.model import message_from_bytes
+from miltermonkey_core.contract.verdict import Action
+from miltermonkey_core.engine.build import chain_of
+from miltermonkey_core.engine.chain import BrainResult
+from miltermonkey_core.engine.offline import run_engine
+from miltermonkey_core.engine.session import Engine
 from miltermonkey_core.errors import ConfigError, SecretError
 from miltermonkey_core.milterkey import (
     KeyFields,
@@ -34,11 +38,8 @@ from miltermonkey_core.milterkey import (
     load_secrets,
     normalize_message_id,
 )
-from miltermonkey_core.model import message_from_bytes
-from miltermonkey_core.runner import chain_of, run_engine
 from miltermonkey_core.testing import cleanup
 from miltermonkey_core.testing.replies import Disposition, Reply
-from miltermonkey_core.verdict import Action
 
 SECRET1 = bytes(range(32))
 SECRET2 = bytes(range(100, 132))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from miltermonkey_core.contract.model import message_from_bytes
 from miltermonkey_core.milterkey import (
     KeyFields,
     KeyService,
@@ -26,7 +27,6 @@ from miltermonkey_core.milterkey import (
     load_secrets,
     normalize_message_id,
 )
-from miltermonkey_core.model import message_from_bytes
 from miltermonkey_core.plugins import installed_brains
 from miltermonkey_core.testing.cleanup import AppliedMessage
 from miltermonkey_core.testing.client import MilterClient, SessionResult

@@ -15,8 +15,8 @@ import string
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from miltermonkey_core.contract.model import message_from_bytes
 from miltermonkey_core.milterkey import KeyFields, KeyService, normalize_message_id
-from miltermonkey_core.model import message_from_bytes
 
 NOW = 1_750_000_000
 SECRETS = {"k1": bytes(range(32)), "k2": bytes(range(64, 96))}

@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 import pytest
 
-from miltermonkey_core.testing import milterproto as mp
+from miltermonkey_core.milter import protocol as mp
 from miltermonkey_core.testing.cleanup import (
     AddHeader,
     AddRecipient,

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from miltermonkey_core.testing import milterproto as mp
+from miltermonkey_core.milter import protocol as mp
 from miltermonkey_core.testing.client import ConnectInfo, MilterClient, SessionResult
 from miltermonkey_core.testing.daemon import MonkeyProcess
 

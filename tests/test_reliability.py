@@ -35,25 +35,27 @@ from test_reliability_support import (
 )
 
 from miltermonkey_core import Brain, Message, MilterContext, Monkey, hookimpl
-from miltermonkey_core.daemon import WorkerPool, prepare_unix_socket, remove_unix_socket
-from miltermonkey_core.dispatch import (
+from miltermonkey_core.contract.model import message_from_bytes
+from miltermonkey_core.contract.verdict import Action
+from miltermonkey_core.engine.breaker import CircuitBreaker
+from miltermonkey_core.engine.build import chain_of
+from miltermonkey_core.engine.chain import (
     UNCHECKED_HEADER,
-    BrainAbandoned,
     BrainSlot,
     BrainTimeout,
-    CircuitBreaker,
     MtaDecides,
     policy_verdict,
 )
-from miltermonkey_core.engine import Engine
+from miltermonkey_core.engine.guard import BrainAbandoned
+from miltermonkey_core.engine.offline import run_engine
+from miltermonkey_core.engine.session import Engine
 from miltermonkey_core.errors import MonkeyError
-from miltermonkey_core.model import message_from_bytes
-from miltermonkey_core.runner import chain_of, run_engine
+from miltermonkey_core.milter.protocol import MilterProtocolError
+from miltermonkey_core.server.pool import WorkerPool
+from miltermonkey_core.server.sockets import prepare_unix_socket, remove_unix_socket
 from miltermonkey_core.testing.client import MilterClient
 from miltermonkey_core.testing.daemon import MonkeyProcess, render_config
-from miltermonkey_core.testing.milterproto import MilterProtocolError
 from miltermonkey_core.testing.replies import Disposition
-from miltermonkey_core.verdict import Action
 
 # ==========================================================================
 # The circuit breaker
@@ -96,7 +98,7 @@ def test_breaker_window_forgets_old_failures_and_zero_disables() -> None:
     b.failure("error")
     clock.t += 11
     assert b.failure("error") is False and b.state == "closed"
-    off = CircuitBreaker(failures=0)
+    off = CircuitBreaker(failures=0, window=10, cooldown=30)
     for _ in range(100):
         assert off.failure("error") is False
     assert off.allow() and off.state == "closed"

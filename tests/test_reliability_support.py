@@ -23,9 +23,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from miltermonkey_core.milter.protocol import read_packet, send_packet
 from miltermonkey_core.testing.client import run_session
 from miltermonkey_core.testing.daemon import MonkeyProcess
-from miltermonkey_core.testing.milterproto import read_packet, send_packet
 
 LONG = os.environ.get("MILTERMONKEY_LONG", "") in ("1", "yes", "true")
 
@@ -196,7 +196,7 @@ def start_with_overrides(m: MonkeyProcess, brain_overrides: Mapping[str, Mapping
         import sys
         import attrs
         from miltermonkey_core.config import load_config
-        from miltermonkey_core.daemon import run
+        from miltermonkey_core.server.main import run
         overrides = {dict((k, dict(v)) for k, v in brain_overrides.items())!r}
         c = load_config({str(m.config_path)!r})
         c = attrs.evolve(c, brains=tuple(attrs.evolve(b, **overrides.get(b.name, {{}}))

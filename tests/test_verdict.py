@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from miltermonkey_core.contract.verdict import MAX_REPLY_LINE, Reply, Verdict
 from miltermonkey_core.errors import ReplyError
-from miltermonkey_core.verdict import MAX_REPLY_LINE, Reply, Verdict
 
 
 def test_percent_doubled_and_crlf_removed() -> None:

@@ -20,10 +20,15 @@ class Endpoint:
     """Where the daemon listens, parsed from a ``connection`` string."""
 
     family: str  # inet | inet6 | unix
-    #: Empty for a unix socket, and for the seed's ``inet:PORT`` (every interface).
-    host: str = ""
-    port: int = 0
-    path: str = ""
+    #: None for a unix socket, and for the seed's ``inet:PORT`` (every interface).
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+
+    @property
+    def unix_path(self) -> str:
+        """The socket file of a unix endpoint ("" for the others)."""
+        return self.path or ""
 
     @property
     def spec(self) -> str:
@@ -94,7 +99,7 @@ def parse_connection(value: Any) -> Endpoint:
             raise Invalid(f"bad host {host!r} in {show(value)}")
         if ":" in host:
             family = "inet6"
-    return Endpoint(family, host=host or "", port=port_number(port_text.strip()))
+    return Endpoint(family, host=host, port=port_number(port_text.strip()))
 
 
 def connection_spec(value: Any) -> str:

@@ -96,7 +96,14 @@ class DaemonConfig:
                               "seconds all brains together may take at end of message")
     progress_interval: float = _opt(10.0, duration(0, whole=False),
                                     "seconds between progress replies to the MTA (0: none)")
-    milter_timeout: int = _opt(600, duration(1), "libmilter's socket read/write timeout")
+    milter_timeout: int = _opt(600, duration(1),
+                               "seconds an MTA connection may stay silent between commands")
+    negotiate_timeout: float = _opt(30.0, duration(0.001, whole=False),
+                                    "seconds a new connection has to complete its negotiation")
+    command_timeout: float = _opt(30.0, duration(0.001, whole=False),
+                                  "seconds the rest of a packet may take once it has started")
+    max_connections: int = _opt(0, integer(0, 1_000_000),
+                                "MTA connections served at once (0: from the open-file limit)")
     spool_threshold: int = _opt(1048576, byte_size, "bodies larger than this go to a temp file")
     tmpdir: str | None = _opt(None, optional(string()),
                               "directory for spooled bodies and temp files (unset: system)")

@@ -139,6 +139,7 @@ def run_engine(
             body = b"" if decision.action.final else _rebuild(decision.ctx)
             if decision.action in (Action.ACCEPT, Action.CONTINUE, Action.DISCARD):
                 run_after_accept(decision.ctx, qid)
+            session.reset_message()  # the message is done: no abort at close, as in the daemon
             return OfflineResult(decision.verdict, decision.ctx, decision.results,
                                  list(lines), body)
         finally:

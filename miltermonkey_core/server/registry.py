@@ -43,7 +43,7 @@ class SessionRegistry:
         return sum(1 for s in self.snapshot() if s.in_message)
 
     def sweep(self, now: float | None = None) -> int:
-        """Free sessions idle past cid_timeout; libmilter's own timeout closes the socket."""
+        """Free sessions idle past cid_timeout (the connection's idle timeout closes its socket)."""
         now = time.monotonic() if now is None else now
         with self._lock:
             stale = [s for s in self._sessions.values()

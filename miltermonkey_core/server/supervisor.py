@@ -350,7 +350,7 @@ class Supervisor:
         finally:
             self._finish_worker(5.0)
             if self.socket.family == "unix":
-                remove_unix_socket(self.socket.path, self.socket_ident)
+                remove_unix_socket(self.socket.unix_path, self.socket_ident)
             remove_pidfile(d.pidfile)
             signal.set_wakeup_fd(-1)
         log.info("supervisor stopped")

@@ -18,7 +18,7 @@ from typing import Any
 from miltermonkey_core.errors import MonkeyError
 from miltermonkey_core.logs import ROOT, setup_logging
 from miltermonkey_core.server.control import recv_frame, send_frame, unpack_config
-from miltermonkey_core.server.daemon import Daemon
+from miltermonkey_core.server.daemon import Daemon, install_stop_signals
 
 log = logging.getLogger(f"{ROOT}.supervisor")
 
@@ -64,6 +64,7 @@ def worker_main(fd: int) -> int:
             send_frame(sock, event)
 
     daemon = Daemon(config, notify=notify)
+    install_stop_signals(daemon)
     try:
         daemon.start()
     except MonkeyError as e:
@@ -93,5 +94,5 @@ if __name__ == "__main__":
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    # libmilter's session threads may still be inside Python: skip finalisation.
+    # Connection threads may still be inside brains: skip finalisation.
     os._exit(code)

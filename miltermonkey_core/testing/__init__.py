@@ -11,7 +11,8 @@ nothing, so that importing one piece does not start the others):
   ``smtp-sink`` next hop (with :func:`~.sink.parse_dump`), a private Sendmail;
 * :mod:`.smtp`: :func:`~.smtp.send_mail`, an SMTP client that reports instead
   of raising;
-* :mod:`.milterproto`: the milter wire protocol (packets, constants);
+* the wire protocol (packets, constants) is the daemon's own,
+  :mod:`miltermonkey_core.milter.protocol`;
 * :mod:`.replies`, :mod:`.connection`, :mod:`.cleanup`, :mod:`.client`: the
   MTA side of the milter protocol, from a milter's replies through single
   protocol steps and Postfix's edit replay to whole sessions

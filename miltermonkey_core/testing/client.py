@@ -10,7 +10,7 @@ small, strict implementation.
 
 Strictness is the point.  Where a real MTA would log a milter bug and fall
 back to its default action, the client raises
-(:class:`~miltermonkey_core.testing.milterproto.MilterProtocolError` and
+(:class:`~miltermonkey_core.milter.protocol.MilterProtocolError` and
 subclasses) so that the bug fails the test that provoked it.
 
 Layers, from low to high:
@@ -32,18 +32,7 @@ from typing import Final
 
 import attrs
 
-from miltermonkey_core.testing.cleanup import (
-    AppliedMessage,
-    EomResult,
-    bare_address,
-    parse_message,
-)
-from miltermonkey_core.testing.connection import (
-    DEFAULT_TIMEOUT,
-    MilterAddress,
-    MilterConnection,
-)
-from miltermonkey_core.testing.milterproto import (
+from miltermonkey_core.milter.protocol import (
     ALL_V6_ACTIONS,
     ALL_V6_PROTOCOL_BITS,
     MILTER_CHUNK_SIZE,
@@ -69,6 +58,17 @@ from miltermonkey_core.testing.milterproto import (
     SMFIM_HELO,
     SMFIR_DISCARD,
     encode_strings,
+)
+from miltermonkey_core.testing.cleanup import (
+    AppliedMessage,
+    EomResult,
+    bare_address,
+    parse_message,
+)
+from miltermonkey_core.testing.connection import (
+    DEFAULT_TIMEOUT,
+    MilterAddress,
+    MilterConnection,
 )
 from miltermonkey_core.testing.replies import Disposition, Negotiated, Reply, SmtpReply, Stage
 

@@ -21,21 +21,7 @@ import struct
 from collections.abc import Mapping
 from typing import Final, Self, TypeAlias
 
-from miltermonkey_core.testing.cleanup import (
-    AddHeader,
-    AddRecipient,
-    AddRecipientPar,
-    ChangeFrom,
-    ChangeHeader,
-    DeleteRecipient,
-    EomAction,
-    EomResult,
-    InsertHeader,
-    Quarantine,
-    ReplaceBody,
-    decode_wire,
-)
-from miltermonkey_core.testing.milterproto import (
+from miltermonkey_core.milter.protocol import (
     ALL_V6_ACTIONS,
     ALL_V6_PROTOCOL_BITS,
     MACRO_STAGE_COMMANDS,
@@ -96,6 +82,20 @@ from miltermonkey_core.testing.milterproto import (
     read_packet,
     send_packet,
     split_nul_strings,
+)
+from miltermonkey_core.testing.cleanup import (
+    AddHeader,
+    AddRecipient,
+    AddRecipientPar,
+    ChangeFrom,
+    ChangeHeader,
+    DeleteRecipient,
+    EomAction,
+    EomResult,
+    InsertHeader,
+    Quarantine,
+    ReplaceBody,
+    decode_wire,
 )
 from miltermonkey_core.testing.replies import (
     COMMAND_NAMES,

@@ -17,7 +17,7 @@ from typing import Final
 
 import attrs
 
-from miltermonkey_core.testing.milterproto import (
+from miltermonkey_core.milter.protocol import (
     SMFIC_ABORT,
     SMFIC_BODY,
     SMFIC_BODYEOB,

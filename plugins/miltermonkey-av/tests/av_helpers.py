@@ -10,9 +10,10 @@ from miltermonkey_av.brain import AntiVirusBrain
 from miltermonkey_av.options import AntiVirusOptions
 from miltermonkey_av.testing import Clamd
 
-from miltermonkey_core.engine import Engine
-from miltermonkey_core.monkey import Monkey
-from miltermonkey_core.runner import OfflineResult, chain_of, run_engine
+from miltermonkey_core.contract.monkey import Monkey
+from miltermonkey_core.engine.build import chain_of
+from miltermonkey_core.engine.offline import OfflineResult, run_engine
+from miltermonkey_core.engine.session import Engine
 
 SIGNATURES = Path(__file__).parent / "signatures"
 SENDER = "<alice@example.org>"

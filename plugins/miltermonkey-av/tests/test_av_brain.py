@@ -17,11 +17,11 @@ from miltermonkey_av.result import ScanResult, Status
 from miltermonkey_av.testing import Clamd
 from miltermonkey_av.testing import samples as av_samples
 
-from miltermonkey_core.context import Capability
-from miltermonkey_core.monkey import Monkey
-from miltermonkey_core.runner import OfflineResult
+from miltermonkey_core.contract.edits import Capability
+from miltermonkey_core.contract.monkey import Monkey
+from miltermonkey_core.contract.verdict import Action
+from miltermonkey_core.engine.offline import OfflineResult
 from miltermonkey_core.testing.process import free_port
-from miltermonkey_core.verdict import Action
 
 pytestmark = pytest.mark.engines
 
@@ -331,9 +331,9 @@ def test_failover_to_second_clamd(make_clamd: Callable[..., Clamd]) -> None:
 
 def test_scan_error_in_chain_with_accept_policy_is_the_admins_choice(av: Factory) -> None:
     """on_error is the core's; with 'accept' the brain's failure lets mail pass (logged)."""
-    from miltermonkey_core.dispatch import BrainSlot, Chain
-    from miltermonkey_core.engine import Engine
-    from miltermonkey_core.runner import run_engine
+    from miltermonkey_core.engine.chain import BrainSlot, Chain
+    from miltermonkey_core.engine.offline import run_engine
+    from miltermonkey_core.engine.session import Engine
 
     brain = make_brain(clamd=[f"tcp:127.0.0.1:{free_port()}"], connect_timeout=0.5)
     slot = BrainSlot(name="av", use="av", brain=brain, monkey=brain.monkey, on_error="tag")

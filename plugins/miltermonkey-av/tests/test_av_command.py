@@ -22,8 +22,8 @@ from miltermonkey_av.result import Status
 from miltermonkey_av.testing import Clamd
 from miltermonkey_av.testing import samples as av_samples
 
-from miltermonkey_core.model import message_from_bytes
-from miltermonkey_core.verdict import Action
+from miltermonkey_core.contract.model import message_from_bytes
+from miltermonkey_core.contract.verdict import Action
 
 CLAMSCAN = shutil.which("clamscan")
 CLAMDSCAN = shutil.which("clamdscan")

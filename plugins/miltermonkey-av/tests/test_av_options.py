@@ -118,8 +118,8 @@ def test_unknown_scanner_with_codes_is_fine() -> None:
 
 def test_brain_default_on_error_beats_daemon_default() -> None:
     """A daemon that accepts on spam-engine failure must not accept unscanned virus mail."""
-    from miltermonkey_core.monkey import Monkey
-    from miltermonkey_core.plugins import build_chain
+    from miltermonkey_core.contract.monkey import Monkey
+    from miltermonkey_core.engine.build import build_chain
 
     cfg = loads('[miltermonkey]\non_error = "accept"\n\n[[brain]]\nuse = "av"\n'
                 'clamd = "tcp:127.0.0.1:1"\n')

@@ -17,14 +17,15 @@ from miltermonkey_spam import headers as hdr
 from miltermonkey_spam.testing import FakeSpamd, ham, spam
 
 from miltermonkey_core.config import BrainEntry, build_brain_options
-from miltermonkey_core.context import Capability
-from miltermonkey_core.engine import Engine
+from miltermonkey_core.contract.edits import Capability
+from miltermonkey_core.contract.model import Connection, message_from_bytes
+from miltermonkey_core.contract.monkey import Monkey
+from miltermonkey_core.contract.verdict import Action
+from miltermonkey_core.engine.build import chain_of
+from miltermonkey_core.engine.offline import OfflineResult, run_engine
+from miltermonkey_core.engine.session import Engine
 from miltermonkey_core.errors import ConfigError
-from miltermonkey_core.model import Connection, message_from_bytes
-from miltermonkey_core.monkey import Monkey
 from miltermonkey_core.plugins import load_brain_class
-from miltermonkey_core.runner import OfflineResult, chain_of, run_engine
-from miltermonkey_core.verdict import Action
 
 pytestmark = pytest.mark.engines
 

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from miltermonkey_spam.testing import Spamd, ham, spam
 
+from miltermonkey_core.milter.protocol import SMFIM_ENVFROM
 from miltermonkey_core.testing.client import ConnectInfo, MessageSpec, SessionResult, run_session
 from miltermonkey_core.testing.daemon import MonkeyProcess
-from miltermonkey_core.testing.milterproto import SMFIM_ENVFROM
 from miltermonkey_core.testing.part import require_or_skip
 from miltermonkey_core.testing.process import free_port
 from miltermonkey_core.testing.replies import Stage

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from miltermonkey_core import Brain, Capability, Message, MilterContext, Monkey, Needs
-from miltermonkey_core.hookspecs import hookimpl
+from miltermonkey_core.contract.hookspecs import hookimpl
 
 
 class _Stamp(Brain):

@@ -12,8 +12,8 @@ import time
 import attrs
 
 from miltermonkey_core import Brain, Capability, Message, MilterContext, Monkey, Needs, Verdict
-from miltermonkey_core.hookspecs import hookimpl
-from miltermonkey_core.model import Header
+from miltermonkey_core.contract.hookspecs import hookimpl
+from miltermonkey_core.contract.model import Header
 
 
 @attrs.frozen(kw_only=True)

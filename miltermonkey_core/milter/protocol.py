@@ -3,8 +3,9 @@
 Everything here uses libmilter's own names (``mfdef.h``/``mfapi.h``) so that a
 reader can cross-check a packet trace, the libmilter docs and Postfix's
 ``milter8.c`` without a translation table.  This module is deliberately free of
-policy: it only knows how bytes look on the wire.  What an MTA *does* with
-them lives in :mod:`miltermonkey_core.testing.mta`.
+policy: it only knows how bytes look on the wire.  The daemon's side of the
+conversation is :mod:`.connection`; the test kit's MTA side
+(:mod:`miltermonkey_core.testing`) speaks through the same constants.
 
 Wire format (both directions)::
 
@@ -470,3 +471,87 @@ def read_packet(sock: socket.socket) -> tuple[str, bytes]:
 def send_packet(sock: socket.socket, cmd: str, data: bytes = b"") -> None:
     """Send one framed packet (one ``sendall``, so a packet is never interleaved)."""
     sock.sendall(encode_packet(cmd, data))
+
+
+# --------------------------------------------------------------------------
+# The milter's side: reading packets from the MTA
+# --------------------------------------------------------------------------
+
+
+class PacketTimeout(MilterProtocolError):
+    """The MTA stayed silent too long; ``partial`` when it stopped inside a packet."""
+
+    def __init__(self, seconds: float, partial: bool) -> None:
+        where = "inside a packet" if partial else "between commands"
+        super().__init__(f"no data from the MTA for {seconds:g} s {where}")
+        self.seconds = seconds
+        self.partial = partial
+
+
+class PacketReader:
+    """Packets from one MTA connection, in as few system calls as the MTA allows.
+
+    The MTA often writes a macro packet and its command back to back, and a
+    body chunk may arrive in pieces: one ``recv`` fills a buffer from which
+    every complete packet is taken before the next ``recv``.  Two timeouts
+    bound a silent peer: ``idle`` while waiting for the next command, and
+    ``partial`` once a packet has started (a length prefix with nothing after
+    it is an attack or a dead MTA, never a slow one).  ``quickack`` re-arms
+    TCP_QUICKACK after every read on TCP, so the MTA's small writes are
+    acknowledged at once instead of waiting on Linux's delayed ACK.
+    """
+
+    __slots__ = ("_buf", "_quickack", "_sock", "_timeout", "max_data")
+
+    def __init__(self, sock: socket.socket, max_data: int = MILTER_MAX_DATA,
+                 quickack: bool = False) -> None:
+        self._sock = sock
+        self._buf = bytearray()
+        self._timeout: float | None = None
+        self._quickack = quickack and hasattr(socket, "TCP_QUICKACK")
+        self.max_data = max_data
+
+    @property
+    def pending(self) -> bool:
+        """Bytes of an unfinished packet are buffered."""
+        return bool(self._buf)
+
+    def _fill(self, timeout: float) -> bool:
+        """One ``recv`` into the buffer; False at end of stream."""
+        if timeout != self._timeout:
+            self._sock.settimeout(timeout)
+            self._timeout = timeout
+        try:
+            chunk = self._sock.recv(262144)
+        except TimeoutError:
+            raise PacketTimeout(timeout, bool(self._buf)) from None
+        if not chunk:
+            return False
+        if self._quickack:
+            try:
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            except OSError:
+                self._quickack = False
+        self._buf += chunk
+        return True
+
+    def read(self, idle: float, partial: float) -> tuple[str, bytes] | None:
+        """The next ``(command, data)``; ``None`` when the MTA closed between packets."""
+        buf = self._buf
+        while True:
+            if len(buf) >= MILTER_LEN_BYTES:
+                length = int.from_bytes(buf[:MILTER_LEN_BYTES], "big")
+                if length < 1 or length - 1 > self.max_data:
+                    raise FramingError(f"packet length {length} is out of bounds "
+                                       f"(1 to {self.max_data + 1})")
+                end = MILTER_LEN_BYTES + length
+                if len(buf) >= end:
+                    cmd = chr(buf[MILTER_LEN_BYTES])
+                    data = bytes(buf[MILTER_LEN_BYTES + 1:end])
+                    del buf[:end]
+                    return cmd, data
+            if not self._fill(partial if buf else idle):
+                if buf:
+                    raise FramingError(f"the MTA closed the connection inside a packet "
+                                       f"({len(buf)} bytes of it received)")
+                return None
