@@ -336,14 +336,24 @@ class MilterConnection:
         if not data:
             raise ProtocolViolation("empty macro packet")
         stage = chr(data[0])
-        values: dict[str, str] = {}
-        items = p.split_nul_strings(data[1:])
-        for name, value in zip(items[0::2], items[1::2], strict=False):
+        body = data[1:-1] if data.endswith(b"\0") else data[1:]
+        try:
+            items = body.decode("utf-8").split("\0")
+        except UnicodeDecodeError:
+            items = self._text_macros(data[1:])
+        # each stage's packet replaces the last
+        self.macros[stage] = dict(zip(items[0::2], items[1::2], strict=False))
+
+    def _text_macros(self, data: bytes) -> list[str]:
+        """Name/value strings, leaving out pairs that are not UTF-8 (with a log line)."""
+        raw = p.split_nul_strings(data)
+        items: list[str] = []
+        for name, value in zip(raw[0::2], raw[1::2], strict=False):
             try:
-                values[name.decode("utf-8")] = value.decode("utf-8")
+                items += (name.decode("utf-8"), value.decode("utf-8"))
             except UnicodeDecodeError:
                 log.warning("%s: macro %r is not UTF-8; ignored", self.qid, name)
-        self.macros[stage] = values  # each stage's packet replaces the last
+        return items
 
     def _stage_macros(self, session: Session, cmd: str) -> None:
         values = self.macros.pop(cmd, None)

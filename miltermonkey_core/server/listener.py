@@ -26,6 +26,7 @@ import contextlib
 import errno
 import logging
 import os
+import queue
 import resource
 import socket
 import threading
@@ -52,6 +53,9 @@ FD_RESERVE_BASE = 64
 FD_RESERVE_PER_THREAD = 4
 #: The automatic connection cap never goes above this (one thread each).
 MAX_AUTO_CONNECTIONS = 4096
+#: Connection threads kept waiting for the next connection when theirs ends:
+#: starting a thread costs more than a whole message on the trivial brain.
+MAX_IDLE_THREADS = 64
 
 
 def raise_open_file_limit() -> int:
@@ -130,6 +134,9 @@ class Listener:
         self._unnegotiated: collections.OrderedDict[MilterConnection, None] = (
             collections.OrderedDict())
         self._lock = threading.Lock()
+        self._handoff: queue.SimpleQueue[MilterConnection | None] = queue.SimpleQueue()
+        self._idle_threads = 0
+        self._thread_serial = 0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._warn = RateLimitedLog(log)
@@ -260,19 +267,33 @@ class Listener:
         with self._lock:
             self._conns.add(conn)
             self._unnegotiated[conn] = None
+        with self._lock:
+            if self._idle_threads:
+                self._idle_threads -= 1
+                self._handoff.put(conn)
+                return
+            self._thread_serial += 1
+            name = f"mm-conn-{self._thread_serial}"
         try:
-            threading.Thread(target=self._run, args=(conn,), name=f"mm-conn-{peer}",
-                             daemon=True).start()
+            threading.Thread(target=self._handle, args=(conn,), name=name, daemon=True).start()
         except RuntimeError as e:  # can't start new thread
             self._forget(conn)
             conn.close()
             self._warn(logging.ERROR, "cannot start a thread for %s: %s", peer, e)
 
-    def _run(self, conn: MilterConnection) -> None:
-        try:
-            conn.serve()
-        finally:
-            self._forget(conn)
+    def _handle(self, first: MilterConnection) -> None:
+        """Serve connections one after the other, waiting idle between them."""
+        conn: MilterConnection | None = first
+        while conn is not None:
+            try:
+                conn.serve()
+            finally:
+                self._forget(conn)
+            with self._lock:
+                if self._stopping.is_set() or self._idle_threads >= MAX_IDLE_THREADS:
+                    return
+                self._idle_threads += 1
+            conn = self._handoff.get()
 
     def _forget(self, conn: MilterConnection) -> None:
         with self._lock:
@@ -301,6 +322,10 @@ class Listener:
             with contextlib.suppress(OSError):
                 os.close(self._reserve)
             self._reserve = None
+        with self._lock:
+            idle, self._idle_threads = self._idle_threads, 0
+        for _ in range(idle):
+            self._handoff.put(None)
 
     def close_all(self, keep: Callable[[MilterConnection], bool] | None = None) -> int:
         """Close every open connection (but those ``keep`` spares); return how many."""
