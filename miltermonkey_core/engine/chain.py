@@ -33,7 +33,7 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -95,8 +95,11 @@ class BrainResult:
 
     brain: str
     outcome: str  # ran | error | timeout | open | skipped | evaluation
+    #: The verdict's action (for ``evaluation``: what it would have been).
     action: Action = Action.CONTINUE
     seconds: float = 0.0
+    #: Why it did not run (skipped: ``declined``, ``error``, ``key``, ``condition:...``),
+    #: or what went wrong.
     detail: str = ""
 
 
@@ -206,29 +209,29 @@ class Chain:
     #
     # One typed method per hook; each walks the brains implementing it.
 
-    def connect(self, skipped: set[str], qid: str, connection: Connection) -> Verdict | None:
+    def connect(self, skipped: dict[str, str], qid: str, connection: Connection) -> Verdict | None:
         return self._stage("connect", skipped, qid, lambda h: h.connect(connection))
 
-    def helo(self, skipped: set[str], qid: str, connection: Connection,
+    def helo(self, skipped: dict[str, str], qid: str, connection: Connection,
              helo_name: str) -> Verdict | None:
         return self._stage("helo", skipped, qid, lambda h: h.helo(connection, helo_name))
 
-    def envfrom(self, skipped: set[str], qid: str, message: Message,
+    def envfrom(self, skipped: dict[str, str], qid: str, message: Message,
                 sender: Address) -> Verdict | None:
         return self._stage("envfrom", skipped, qid, lambda h: h.envfrom(message, sender))
 
-    def envrcpt(self, skipped: set[str], qid: str, message: Message,
+    def envrcpt(self, skipped: dict[str, str], qid: str, message: Message,
                 recipient: Address) -> Verdict | None:
         return self._stage("envrcpt", skipped, qid, lambda h: h.envrcpt(message, recipient))
 
-    def header(self, skipped: set[str], qid: str, message: Message,
+    def header(self, skipped: dict[str, str], qid: str, message: Message,
                header: Header) -> Verdict | None:
         return self._stage("header", skipped, qid, lambda h: h.header(message, header))
 
-    def eoh(self, skipped: set[str], qid: str, message: Message) -> Verdict | None:
+    def eoh(self, skipped: dict[str, str], qid: str, message: Message) -> Verdict | None:
         return self._stage("eoh", skipped, qid, lambda h: h.eoh(message))
 
-    def body(self, skipped: set[str], qid: str, message: Message,
+    def body(self, skipped: dict[str, str], qid: str, message: Message,
              chunk: bytes) -> Verdict | None:
         return self._stage("body", skipped, qid, lambda h: h.body(message, chunk))
 
@@ -239,11 +242,12 @@ class Chain:
         self._notify("close", qid, lambda h: h.close(connection))
 
     def _stage(
-        self, hook: str, skipped: set[str], qid: str, call: Callable[[BrainHooks], object]
+        self, hook: str, skipped: dict[str, str], qid: str, call: Callable[[BrainHooks], object]
     ) -> Verdict | None:
         """Call ``hook`` on every brain not in ``skipped``; return the first final verdict.
 
-        A brain answering ``Verdict.skip()`` joins ``skipped``.
+        A brain answering ``Verdict.skip()`` joins ``skipped`` (reason ``declined``),
+        as does one that raised (reason ``error``).
         """
         for slot in self._by_hook[hook]:
             if slot.name in skipped:
@@ -251,7 +255,7 @@ class Chain:
             try:
                 v = call(slot.call)
             except Exception as e:
-                skipped.add(slot.name)
+                skipped[slot.name] = "error"
                 if slot.evaluation:
                     log.exception("%s: brain %s (evaluation) raised in %s: %s; ignored",
                                   qid, slot.name, hook, e)
@@ -269,7 +273,7 @@ class Chain:
                           qid, slot.name, v, hook)
                 continue
             if v.action is Action.SKIP:
-                skipped.add(slot.name)
+                skipped[slot.name] = "declined"
             elif v.final:
                 if slot.evaluation:
                     log.info("%s: brain %s (evaluation) would %s at %s", qid, slot.name,
@@ -292,7 +296,7 @@ class Chain:
         self,
         message: Message,
         ctx: MilterContext,
-        skipped: Iterable[str] = (),
+        skipped: Mapping[str, str] | None = None,
         invoke: Invoker | None = None,
         deadline: float | None = None,
     ) -> EomOutcome:
@@ -303,7 +307,7 @@ class Chain:
         left when it passed get their timeout policy without being called.
         """
         run = invoke or direct_invoke
-        skip = set(skipped)
+        skip = skipped or {}
         results: list[BrainResult] = []
         tagged: list[str] = []
         qid = message.id
@@ -312,7 +316,7 @@ class Chain:
         lock: AbstractContextManager[Any] = threading.RLock() if self.blocking else _NO_LOCK
         for slot in self.slots:
             if slot.name in skip:
-                results.append(BrainResult(slot.name, "skipped"))
+                results.append(BrainResult(slot.name, "skipped", detail=skip[slot.name]))
                 continue
             if not slot.implements("eom_process"):
                 continue

@@ -22,7 +22,7 @@ from miltermonkey_core.contract.monkey import Monkey
 from miltermonkey_core.contract.verdict import Action, Verdict
 from miltermonkey_core.engine.chain import UNCHECKED_HEADER, BrainResult, Chain, Invoker
 from miltermonkey_core.logs import ROOT, queue_id
-from miltermonkey_core.milterkey.service import KeyService
+from miltermonkey_core.milterkey.service import KeyInspection, KeyService
 
 log = logging.getLogger(f"{ROOT}.engine")
 
@@ -37,6 +37,8 @@ class Decision:
     ctx: MilterContext
     results: list[BrainResult]
     seconds: float = 0.0
+    #: The keys found on the message and which was trusted (None: no milter key).
+    key: KeyInspection | None = None
 
     @property
     def action(self) -> Action:
@@ -93,9 +95,11 @@ class Session:
     def __init__(self, engine: Engine, connection: Connection) -> None:
         self.engine = engine
         self.connection = connection
-        self.session_skips: set[str] = set()
+        #: Brains out for the session, and why (``declined``, ``error``).
+        self.session_skips: dict[str, str] = {}
         self.message: Message | None = None
-        self.message_skips: set[str] = set()
+        #: Brains out for the message, and why.
+        self.message_skips: dict[str, str] = {}
         self.last_activity = time.monotonic()
         self.closed = False
         self._oversize = False
@@ -110,9 +114,6 @@ class Session:
 
     def touch(self) -> None:
         self.last_activity = time.monotonic()
-
-    def _skips(self) -> set[str]:
-        return self.message_skips
 
     # --- session stage ----------------------------------------------------------
 
@@ -132,7 +133,7 @@ class Session:
         self.reset_message()
         self.message = Message(connection=self.connection,
                                body=Body(threshold=s.spool_threshold, tmpdir=s.tmpdir))
-        self.message_skips = set(self.session_skips)
+        self.message_skips = dict(self.session_skips)
         self._oversize = False
         self._headers = []
         self._headers_synced = True
@@ -158,7 +159,7 @@ class Session:
         msg = self.ensure_message()
         addr = Address(recipient, params)
         msg.envelope.recipients.append(addr)
-        v = self.engine.chain.envrcpt(set(self.message_skips), self.qid, msg, addr)
+        v = self.engine.chain.envrcpt(dict(self.message_skips), self.qid, msg, addr)
         if v is not None and v.final:
             msg.envelope.recipients.pop()
         return v
@@ -227,7 +228,7 @@ class Session:
         """Run the chain and the core's duties; nothing is sent from here.
 
         ``invoke`` and ``deadline`` bound each brain and the whole chain in
-        time (see :meth:`~miltermonkey_core.dispatch.Chain.run_eom`).
+        time (see :meth:`~miltermonkey_core.engine.chain.Chain.run_eom`).
         """
         self.touch()
         t0 = time.perf_counter()
@@ -240,14 +241,15 @@ class Session:
                                reason="max_message_size").by("core")
             return Decision(v, ctx, [], time.perf_counter() - t0)
         key = self.engine.key
-        skips = set(self.message_skips)
+        skips = dict(self.message_skips)
         inspected = None
         if key is not None:
             inspected = key.inspect(msg)
             spared = inspected.skip_brains(self.engine.chain.slots)
             if spared:
                 log.info("%s: trusted milter key: skipping %s", msg.id, ", ".join(sorted(spared)))
-            skips |= spared
+            for name in spared:
+                skips.setdefault(name, "key")
         outcome = self.engine.chain.run_eom(msg, ctx, skips, invoke=invoke, deadline=deadline)
         if outcome.tagged and outcome.verdict is None:
             ctx.begin("core")
@@ -257,14 +259,15 @@ class Session:
             ctx.begin("core")
             key.finish(msg, ctx, outcome.results, inspected)
             ctx.end()
-        return Decision(outcome.verdict, ctx, outcome.results, time.perf_counter() - t0)
+        return Decision(outcome.verdict, ctx, outcome.results, time.perf_counter() - t0,
+                        key=inspected)
 
     def reset_message(self) -> None:
         """Forget the message in progress (after EOM or ABORT); the session goes on."""
         if self.message is not None:
             self.message.close()
         self.message = None
-        self.message_skips = set(self.session_skips)
+        self.message_skips = dict(self.session_skips)
         self._headers = []
         self._headers_synced = True
 
