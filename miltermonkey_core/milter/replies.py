@@ -36,6 +36,14 @@ _FINAL_CODES: Final = {
     Action.SKIP: p.SMFIR_CONTINUE,
 }
 
+#: Where an appended header is inserted.  Sendmail's SMFIR_ADDHEADER puts a
+#: header *above* the first one of the same name (headers.c ``addheader``),
+#: which reverses config order for brains adding the same header and puts an
+#: added header above the message's own copy; an insert past the last header
+#: appends on Sendmail and on Postfix alike, so every brain's header lands
+#: below the ones before it, in config order, whichever MTA applies it.
+APPEND_INDEX: Final = 1 << 24
+
 CONTINUE: Final = p.encode_packet(p.SMFIR_CONTINUE)
 ACCEPT: Final = p.encode_packet(p.SMFIR_ACCEPT)
 PROGRESS: Final = p.encode_packet(p.SMFIR_PROGRESS)
@@ -77,7 +85,8 @@ def verdict_packet(verdict: Verdict | None) -> bytes:
 def edit_packets(edit: Edit) -> bytes:
     """The modification packets of one recorded edit."""
     if isinstance(edit, AddHeader):
-        return p.encode_packet(p.SMFIR_ADDHEADER, _c(edit.name) + _c(edit.value))
+        return p.encode_packet(p.SMFIR_INSHEADER, APPEND_INDEX.to_bytes(4, "big")
+                               + _c(edit.name) + _c(edit.value))
     if isinstance(edit, InsertHeader):
         return p.encode_packet(p.SMFIR_INSHEADER, edit.index.to_bytes(4, "big")
                                + _c(edit.name) + _c(edit.value))
