@@ -18,6 +18,7 @@ brain's tests keep a committed copy for ``clamscan -d``.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import random
@@ -46,6 +47,11 @@ __all__ = [
     "SAMPLES",
     "WORM",
     "Sample",
+    "many_parts",
+    "nested_multipart",
+    "nested_rfc822",
+    "nested_zip",
+    "nested_zip_message",
     "sample",
     "signature_files",
 ]
@@ -251,6 +257,107 @@ def eicar_8bit_headers() -> bytes:
             b"Content-Type: text/plain; charset=iso-8859-1\r\n"
             b"Content-Transfer-Encoding: 8bit\r\n\r\n")
     return head + b"Gr\xfc\xdfe\r\n" + EICAR + b"\r\n"
+
+
+# --- structures past a scanner's limits --------------------------------------------------
+#
+# clamd stops descending at MaxRecursion nested containers and after MaxFiles
+# files, and (without AlertExceedsMax) then answers "OK" for what it never
+# looked at.  These build EICAR at the bottom of such structures.  Sizes stay
+# small: 50,000 parts is 2.4 MB, 50 forwarded levels 26 kB.
+
+
+def _eicar_message(subject: str = "the bottom") -> EmailMessage:
+    m = _base(subject, msgid="<bottom@example.org>")
+    m.set_content("attached\n")
+    m.add_attachment(EICAR, maintype="application", subtype="octet-stream",
+                     filename="eicar.com")
+    return m
+
+
+def nested_rfc822(depth: int, payload: EmailMessage | None = None) -> bytes:
+    """EICAR (or *payload*) forwarded as an attachment *depth* times.
+
+    Each level is what a mail client sends for "forward as attachment": a
+    ``multipart/mixed`` with a text part and the previous message as
+    ``message/rfc822``.  ``depth = 0`` is the EICAR message itself.
+    """
+    m = payload if payload is not None else _eicar_message()
+    for level in range(depth):
+        outer = _base(f"fwd {level + 1}", msgid=f"<fwd.{level + 1}@example.org>")
+        outer.set_content(f"forwarded, level {level + 1}\n")
+        outer.add_attachment(m)
+        m = outer
+    return _bytes(m)
+
+
+def nested_multipart(depth: int) -> bytes:
+    """EICAR as a base64 attachment inside *depth* nested ``multipart/mixed`` bodies."""
+    inner = (b"Content-Type: application/octet-stream; name=eicar.com\r\n"
+             b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.b64encode(EICAR) + b"\r\n")
+    for level in range(depth, 0, -1):
+        boundary = f"level-{level}".encode()
+        inner = (b"Content-Type: multipart/mixed; boundary=\"" + boundary + b"\"\r\n\r\n"
+                 b"--" + boundary + b"\r\nContent-Type: text/plain\r\n\r\nlevel "
+                 + str(level).encode() + b"\r\n--" + boundary + b"\r\n" + inner
+                 + b"--" + boundary + b"--\r\n")
+    return (b"From: alice@example.org\r\nTo: bob@example.net\r\n"
+            b"Subject: nested multipart " + str(depth).encode() + b"\r\n"
+            b"Message-ID: <nested.multipart." + str(depth).encode() + b"@example.org>\r\n"
+            b"MIME-Version: 1.0\r\n" + inner)
+
+
+def many_parts(count: int) -> bytes:
+    """A ``multipart/mixed`` with *count* small text parts, then EICAR as the last part.
+
+    Written as bytes directly: :mod:`email` takes minutes for 50,000 parts.
+    """
+    boundary = b"many-parts-boundary"
+    out = [b"From: alice@example.org\r\nTo: bob@example.net\r\n"
+           b"Subject: " + str(count).encode() + b" parts\r\n"
+           b"Message-ID: <parts." + str(count).encode() + b"@example.org>\r\n"
+           b"MIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/mixed; boundary=\"" + boundary + b"\"\r\n\r\n"]
+    out.extend(b"--" + boundary + b"\r\nContent-Type: text/plain\r\n\r\npart "
+               + str(i).encode() + b"\r\n" for i in range(count))
+    out.append(b"--" + boundary + b"\r\nContent-Type: application/octet-stream; name=eicar.com"
+               b"\r\nContent-Transfer-Encoding: base64\r\n\r\n" + base64.b64encode(EICAR)
+               + b"\r\n--" + boundary + b"--\r\n")
+    return b"".join(out)
+
+
+def nested_zip(depth: int, payload: bytes = EICAR, *, stored: bool = False,
+               decoy: bytes = b"") -> bytes:
+    """A zip holding a zip ... *depth* archives in all, with *payload* in the innermost.
+
+    ``stored`` keeps every level uncompressed (the nested archives are then
+    visible byte for byte); ``decoy`` puts a member before the nested one at
+    every level.
+    """
+    if depth < 1:
+        raise ValueError("a nested zip has at least one level")
+    method = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
+    data, name = payload, "eicar.com"
+    for level in range(depth, 0, -1):
+        files = {"decoy.bin": decoy} if decoy else {}
+        files[name] = data
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", method) as z:
+            for fname, content in files.items():
+                info = zipfile.ZipInfo(fname, date_time=(2005, 1, 23, 6, 43, 39))
+                info.compress_type = method
+                z.writestr(info, content)
+        data, name = buf.getvalue(), f"level{level}.zip"
+    return data
+
+
+def nested_zip_message(depth: int, *, stored: bool = False, decoy: bytes = b"") -> bytes:
+    """A message with :func:`nested_zip` attached (EICAR *depth* archives down)."""
+    m = _base(f"zip nested {depth}", msgid=f"<zip.{depth}@example.org>")
+    m.set_content("archive attached\n")
+    m.add_attachment(nested_zip(depth, stored=stored, decoy=decoy), maintype="application",
+                     subtype="zip", filename="level1.zip")
+    return _bytes(m)
 
 
 SAMPLES: tuple[Sample, ...] = (
