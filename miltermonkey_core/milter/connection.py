@@ -113,6 +113,10 @@ class MilterConnection:
         self.pending_error: str | None = None
         #: The body has started: a header or end of headers now is out of order.
         self.in_body = False
+        #: MAIL opened the current message; a step of a message before it is out
+        #: of order (when MAIL is negotiated at all), logged once per message.
+        self.mail_seen = False
+        self.order_warned = False
         #: The current session saw its CONNECT.
         self.connected = False
         self.closed = False
@@ -137,7 +141,7 @@ class MilterConnection:
         except p.PacketTimeout as e:
             stage = "before negotiating" if self.gen is None else (
                 "inside a message" if self.session is not None and self.session.in_message
-                else "between commands")
+                else "between messages")
             log.warning("%s: closing the connection from %s: %s (%s)", self.qid, self.peer,
                         e, stage)
         except (p.FramingError, ProtocolViolation) as e:
@@ -228,6 +232,7 @@ class MilterConnection:
         self.macros = {}
         self.pending_error = None
         self.in_body = False
+        self.mail_seen = self.order_warned = False
         self.connected = False
         self.host.session_opened(session)
         return session
@@ -336,17 +341,30 @@ class MilterConnection:
         if not data:
             raise ProtocolViolation("empty macro packet")
         stage = chr(data[0])
+        if stage not in self._handlers:
+            # bounds what a peer can park here to one packet per command
+            log.warning("%s: macros for an unknown stage %r from %s; ignored", self.qid, stage,
+                        self.peer)
+            return
         body = data[1:-1] if data.endswith(b"\0") else data[1:]
         try:
-            items = body.decode("utf-8").split("\0")
+            items = body.decode("utf-8").split("\0") if body else []
         except UnicodeDecodeError:
-            items = self._text_macros(data[1:])
+            items = self._text_macros(stage, data[1:])
+        if len(items) % 2:
+            self._odd_macros(stage, items[-1])
         # each stage's packet replaces the last
         self.macros[stage] = dict(zip(items[0::2], items[1::2], strict=False))
 
-    def _text_macros(self, data: bytes) -> list[str]:
+    def _odd_macros(self, stage: str, name: str | bytes) -> None:
+        log.warning("%s: macro packet for stage %r from %s has an odd number of strings; "
+                    "%r has no value, ignored", self.qid, stage, self.peer, name)
+
+    def _text_macros(self, stage: str, data: bytes) -> list[str]:
         """Name/value strings, leaving out pairs that are not UTF-8 (with a log line)."""
         raw = p.split_nul_strings(data)
+        if len(raw) % 2:
+            self._odd_macros(stage, raw[-1])
         items: list[str] = []
         for name, value in zip(raw[0::2], raw[1::2], strict=False):
             try:
@@ -395,10 +413,19 @@ class MilterConnection:
 
         return self._stage(p.SMFIC_HELO, "helo", call)
 
+    def _before_mail(self, what: str) -> None:
+        """Log a step of a message that came before its MAIL (answered all the same)."""
+        if self.mail_seen or self.order_warned or self.noreply & p.SMFIP_NOMAIL:
+            return
+        self.order_warned = True
+        log.warning("%s: %s before MAIL, from %s: out of order, answered as it comes",
+                    self.qid, what, self.peer)
+
     def _mail(self, data: bytes) -> bytes | None:
         args = [a.decode("utf-8", "surrogateescape") for a in p.split_nul_strings(data)]
         self.pending_error = None  # a new message starts
         self.in_body = False
+        self.mail_seen, self.order_warned = True, False
 
         def call(session: Session) -> Verdict | None:
             return session.envfrom(args[0] if args else "", tuple(args[1:]),
@@ -407,6 +434,7 @@ class MilterConnection:
         return self._stage(p.SMFIC_MAIL, "envfrom", call)
 
     def _rcpt(self, data: bytes) -> bytes | None:
+        self._before_mail("RCPT")
         args = [a.decode("utf-8", "surrogateescape") for a in p.split_nul_strings(data)]
 
         def call(session: Session) -> Verdict | None:
@@ -416,6 +444,8 @@ class MilterConnection:
         return self._stage(p.SMFIC_RCPT, "envrcpt", call)
 
     def _data(self, data: bytes) -> bytes | None:
+        self._before_mail("DATA")
+
         def call(session: Session) -> Verdict | None:
             self._stage_macros(session, p.SMFIC_DATA)
             return session.data()
@@ -430,6 +460,7 @@ class MilterConnection:
     def _header(self, data: bytes) -> bytes | None:
         if self.in_body:
             return self._late(p.SMFIC_HEADER, "a header")
+        self._before_mail("a header")
         raw_name, _, rest = data.partition(b"\0")
         value = rest[:-1] if rest.endswith(b"\0") else rest
         try:
@@ -443,6 +474,7 @@ class MilterConnection:
     def _eoh(self, data: bytes) -> bytes | None:
         if self.in_body:
             return self._late(p.SMFIC_EOH, "end of headers")
+        self._before_mail("end of headers")
 
         def call(session: Session) -> Verdict | None:
             self._stage_macros(session, p.SMFIC_EOH)
@@ -451,6 +483,7 @@ class MilterConnection:
         return self._stage(p.SMFIC_EOH, "eoh", call)
 
     def _body(self, data: bytes) -> bytes | None:
+        self._before_mail("a body chunk")
         self.in_body = True
         return self._stage(p.SMFIC_BODY, "body", lambda s: s.body(data))
 
@@ -461,6 +494,7 @@ class MilterConnection:
         # Postfix may send ABORT twice after EOM; the second finds no message.
         self.pending_error = None
         self.in_body = False
+        self.mail_seen = self.order_warned = False
         session = self.session
         if session is not None and not self.reuse:
             try:
@@ -478,10 +512,12 @@ class MilterConnection:
     # --- end of message -----------------------------------------------------------------
 
     def _eom(self, data: bytes) -> bytes | None:
+        self._before_mail("end of message")
         session = self._live()
         gen = self.gen
         assert gen is not None
         self.in_body = False
+        self.mail_seen = self.order_warned = False
         try:
             session.ensure_message()  # so the EOM macros (the queue id) land on it
             # Macros of steps negotiated away (DATA, say) arrive all the same;

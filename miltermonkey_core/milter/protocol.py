@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from collections.abc import Iterable, Mapping
 from typing import Final
 
@@ -482,8 +483,8 @@ class PacketTimeout(MilterProtocolError):
     """The MTA stayed silent too long; ``partial`` when it stopped inside a packet."""
 
     def __init__(self, seconds: float, partial: bool) -> None:
-        where = "inside a packet" if partial else "between commands"
-        super().__init__(f"no data from the MTA for {seconds:g} s {where}")
+        super().__init__(f"a packet from the MTA still incomplete after {seconds:g} s" if partial
+                         else f"no data from the MTA for {seconds:g} s between commands")
         self.seconds = seconds
         self.partial = partial
 
@@ -499,6 +500,8 @@ class PacketReader:
     it is an attack or a dead MTA, never a slow one).  ``quickack`` re-arms
     TCP_QUICKACK after every read on TCP, so the MTA's small writes are
     acknowledged at once instead of waiting on Linux's delayed ACK.
+    ``partial`` bounds the whole packet, not each read: a peer trickling a
+    byte at a time gets no longer than one that stops.
     """
 
     __slots__ = ("_buf", "_quickack", "_sock", "_timeout", "max_data")
@@ -516,15 +519,18 @@ class PacketReader:
         """Bytes of an unfinished packet are buffered."""
         return bool(self._buf)
 
-    def _fill(self, timeout: float) -> bool:
-        """One ``recv`` into the buffer; False at end of stream."""
+    def _fill(self, timeout: float, limit: float) -> bool:
+        """One ``recv`` into the buffer, waiting ``timeout`` of the stage's ``limit``;
+        False at end of stream."""
+        if timeout <= 0:
+            raise PacketTimeout(limit, bool(self._buf))
         if timeout != self._timeout:
             self._sock.settimeout(timeout)
             self._timeout = timeout
         try:
             chunk = self._sock.recv(262144)
         except TimeoutError:
-            raise PacketTimeout(timeout, bool(self._buf)) from None
+            raise PacketTimeout(limit, bool(self._buf)) from None
         if not chunk:
             return False
         if self._quickack:
@@ -538,6 +544,7 @@ class PacketReader:
     def read(self, idle: float, partial: float) -> tuple[str, bytes] | None:
         """The next ``(command, data)``; ``None`` when the MTA closed between packets."""
         buf = self._buf
+        deadline = 0.0  # for the packet under way, set once its first bytes are here
         while True:
             if len(buf) >= MILTER_LEN_BYTES:
                 length = int.from_bytes(buf[:MILTER_LEN_BYTES], "big")
@@ -550,7 +557,13 @@ class PacketReader:
                     data = bytes(buf[MILTER_LEN_BYTES + 1:end])
                     del buf[:end]
                     return cmd, data
-            if not self._fill(partial if buf else idle):
+            if not buf:
+                filled = self._fill(idle, idle)
+            else:
+                if not deadline:
+                    deadline = time.monotonic() + partial
+                filled = self._fill(deadline - time.monotonic(), partial)
+            if not filled:
                 if buf:
                     raise FramingError(f"the MTA closed the connection inside a packet "
                                        f"({len(buf)} bytes of it received)")
