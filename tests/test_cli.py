@@ -167,7 +167,7 @@ def test_show_config_default(env: dict[str, str]) -> None:
     data = tomllib.loads(r.stdout)
     assert data["brain"] == [{
         "use": "trivial", "name": "trivial", "on_error": "tempfail", "timeout": 60.0,
-        "evaluation": False, "skip_if_key": False,
+        "mode": "enforce", "skip_if_key": False,
         "breaker_failures": 5, "breaker_window": 60.0, "breaker_cooldown": 30.0,
         "header_name": "X-MilterMonkey", "header_value": "{brain} on {host}",
     }]

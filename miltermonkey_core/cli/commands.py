@@ -151,6 +151,8 @@ def cmd_try(args: argparse.Namespace) -> int:
         kwargs["sender"] = _address(args.sender)
     if args.to:
         kwargs["recipients"] = [_address(r) for r in args.to]
+    if args.client:
+        kwargs["client"] = args.client
     result = run_offline(config, raw, **kwargs)
     verdict = result.verdict
     stage = getattr(result, "stage", "eom")
@@ -226,6 +228,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--from", dest="sender", metavar="ADDR", help="envelope sender")
     p.add_argument("--to", action="append", metavar="ADDR",
                    help="envelope recipient (repeat for several)")
+    p.add_argument("--client", metavar="ADDR",
+                   help="the client address the message comes from (default 127.0.0.1)")
     p.add_argument("--macro", action="append", metavar="NAME=VALUE",
                    help="a milter macro, e.g. i=4XyZ1 or auth_authen=alice (repeatable)")
     p.add_argument("--show-message", action="store_true",

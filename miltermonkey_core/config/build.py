@@ -14,11 +14,12 @@ from typing import Any, Final
 
 import attrs
 
+from miltermonkey_core.config.conditions import WhenError, parse_when
 from miltermonkey_core.config.schema import (
     ALIASES,
     BRAIN_ALIASES,
     BRAIN_KEYS,
-    BRAIN_NAME,
+    BRAIN_MODES,
     BRAIN_TABLE,
     DAEMON_FIELDS,
     DAEMON_TABLE,
@@ -28,6 +29,7 @@ from miltermonkey_core.config.schema import (
     DaemonConfig,
 )
 from miltermonkey_core.config.values import (
+    BRAIN_NAME,
     Coerce,
     Invalid,
     boolean,
@@ -48,6 +50,8 @@ class RawItem:
     key: str
     value: Any
     line: int | None = None
+    #: For a table value: the line of each of its keys.
+    sublines: Mapping[str, int] = attrs.field(factory=dict, eq=False)
 
 
 @attrs.frozen
@@ -100,13 +104,20 @@ def _build_daemon(table: RawTable, path: str | None) -> tuple[DaemonConfig, dict
     return DaemonConfig(**kwargs), lines
 
 
+def mode_value(value: Any) -> str:
+    """``mode = "enforce" | "evaluate"``; the seed's ``evaluation = true/false`` too."""
+    if isinstance(value, bool):
+        return "evaluate" if value else "enforce"
+    return str(choice(*BRAIN_MODES)(value))
+
+
 _BRAIN_CHECKS: Final[Mapping[str, Coerce]] = {
     "use": string(),
     "name": string(),
     "on_error": choice(*ON_ERROR_POLICIES),
     "on_timeout": choice(*ON_ERROR_POLICIES),
     "timeout": duration(0.001, whole=False),
-    "evaluation": boolean,
+    "mode": mode_value,
     "skip_if_key": boolean,
     "expiration": optional(duration(1)),
     "breaker_failures": integer(0, 1_000_000),
@@ -129,6 +140,14 @@ def _build_brain(
         if item.line:
             lines[item.key] = item.line
             lines.setdefault(canon, item.line)
+        if canon == "when":
+            try:
+                common["when"] = parse_when(item.value)
+            except WhenError as e:
+                sub = e.key.partition(".")[2]
+                raise ConfigError(str(e), path=path, line=item.sublines.get(sub, item.line),
+                                  key=e.key) from None
+            continue
         check = _BRAIN_CHECKS.get(canon)
         if check is None:
             options[item.key] = item.value

@@ -75,7 +75,8 @@ def loads(
             for i, t in enumerate(value):
                 tline = loc.table_line((key, i)) or line
                 brains.append(RawTable(
-                    tuple(RawItem(k, v, loc.key_line((key, i), k) or tline)
+                    tuple(RawItem(k, v, loc.key_line((key, i), k) or tline,
+                                  _sublines(loc, (key, i, k), v))
                           for k, v in t.items()),
                     tline,
                 ))
@@ -89,6 +90,13 @@ def loads(
             what = "table" if isinstance(value, dict) else "key"
             raise ConfigError(f"unknown top-level {what}{hint}", path=path, line=line, key=key)
     return build_config(daemon, brains, path=path, source=source, installed=installed)
+
+
+def _sublines(loc: TomlLocator, table: tuple[str | int, ...], value: Any) -> dict[str, int]:
+    """The line of each key of a table value (``when.client_in = [...]``), for errors."""
+    if not isinstance(value, dict):
+        return {}
+    return {k: line for k in value if (line := loc.key_line(table, k)) is not None}
 
 
 def _read_text(path: str | pathlib.Path) -> str:

@@ -20,6 +20,7 @@ from typing import Any, Final
 
 import attrs
 
+from miltermonkey_core.config.conditions import When
 from miltermonkey_core.config.endpoint import Endpoint, connection_spec, parse_connection
 from miltermonkey_core.config.values import (
     Coerce,
@@ -117,6 +118,15 @@ class DaemonConfig:
     sendmail_path: str = _opt("/usr/sbin/sendmail", string(), "sendmail binary for notices")
     notify_smtp: str | None = _opt(None, optional(host_port),
                                    "host:port to send notices to by SMTP instead of sendmail")
+    log_format: str = _opt("text", choice("text", "json"),
+                           "log lines as text, or one JSON object a line (json)")
+    metrics: str | None = _opt(None, optional(host_port),
+                               "HOST:PORT serving /metrics, /healthz and /readyz (unset: off)")
+    drain_period: float = _opt(0.0, duration(0, whole=False),
+                               "seconds /readyz fails on SIGTERM before the listener closes")
+    restart_attempts: int = _opt(5, integer(0, 10000),
+                                 "failed worker starts in a row before the supervisor gives "
+                                 "up (0: never)")
 
     @property
     def endpoint(self) -> Endpoint:
@@ -147,11 +157,14 @@ DAEMON_FIELDS: Final = {f.name: f for f in attrs.fields(DaemonConfig)}
 # --------------------------------------------------------------------------------------
 
 #: Keys of a ``[[brain]]`` table that the framework reads; the rest are options.
-BRAIN_KEYS: Final = ("use", "name", "on_error", "on_timeout", "timeout", "evaluation",
+BRAIN_KEYS: Final = ("use", "name", "on_error", "on_timeout", "timeout", "mode", "when",
                      "skip_if_key", "expiration", "breaker_failures", "breaker_window",
                      "breaker_cooldown")
-BRAIN_ALIASES: Final[Mapping[str, str]] = {"evaluation_mode": "evaluation"}
-BRAIN_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+#: ``evaluation = true`` (the seed's evaluation mode flag) is ``mode = "evaluate"``.
+BRAIN_ALIASES: Final[Mapping[str, str]] = {"evaluation": "mode", "evaluation_mode": "mode"}
+#: How a brain's verdicts are used: ``enforce`` applies them; ``evaluate`` runs the
+#: brain on live mail, logs and counts what it would have done, and applies nothing.
+BRAIN_MODES: Final = ("enforce", "evaluate")
 
 
 @attrs.frozen(kw_only=True)
@@ -170,7 +183,9 @@ class BrainEntry:
     #: None: ``on_error``.
     on_timeout: str | None = None
     timeout: float = 60.0
-    evaluation: bool = False
+    mode: str = "enforce"
+    #: The conditions under which the brain is called (all must hold).
+    when: When = attrs.field(factory=When)
     skip_if_key: bool = False
     expiration: int | None = None
     #: Circuit breaker: this many failures within ``breaker_window`` seconds open it
@@ -182,6 +197,11 @@ class BrainEntry:
     line: int | None = attrs.field(default=None, eq=False)
     option_lines: Mapping[str, int] = attrs.field(factory=dict, eq=False, repr=False)
     path: str | None = attrs.field(default=None, eq=False, repr=False)
+
+    @property
+    def evaluation(self) -> bool:
+        """The brain runs in evaluation mode: logged and counted, never applied."""
+        return self.mode == "evaluate"
 
     def error(self, message: str, key: str | None = None) -> ConfigError:
         """A ConfigError located at ``key`` of this table (or its header)."""
@@ -327,6 +347,10 @@ def render_config(config: Config, options: Mapping[str, Any]) -> str:
     for entry in config.brains:
         out += ["", f"[[{BRAIN_TABLE}]]"]
         for key in BRAIN_KEYS:
+            if key == "when":
+                if not entry.when.empty:
+                    out.append(_line(key, entry.when.as_table()))
+                continue
             out.append(_line(key, getattr(entry, key)))
         for key, value in _effective_options(entry, options.get(entry.name)).items():
             out.append(_line(key, value))

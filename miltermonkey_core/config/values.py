@@ -176,6 +176,9 @@ def file_mode(value: Any) -> str:
     return f"{mode:04o}"
 
 
+#: What a brain's configured name may be: it is written into milter keys and log lines.
+BRAIN_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
 _HEADER_NAME: Final = re.compile(r"[!-9;-~]+")
 
 

@@ -14,6 +14,7 @@ from miltermonkey_core.contract.brain import Brain
 from miltermonkey_core.contract.monkey import Monkey
 from miltermonkey_core.engine.breaker import CircuitBreaker
 from miltermonkey_core.engine.chain import BrainSlot, Chain
+from miltermonkey_core.engine.conditions import compile_conditions
 from miltermonkey_core.engine.session import Engine, EngineSettings
 from miltermonkey_core.errors import BrainLoadError
 from miltermonkey_core.milterkey.service import KeyService
@@ -34,6 +35,7 @@ def _slot(entry: BrainEntry, brain: Brain, monkey: Monkey, on_error: str) -> Bra
         expiration=entry.expiration,
         breaker=CircuitBreaker(entry.breaker_failures, entry.breaker_window,
                                entry.breaker_cooldown),
+        conditions=compile_conditions(entry.when),
     )
 
 

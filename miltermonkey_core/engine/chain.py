@@ -48,6 +48,7 @@ from miltermonkey_core.contract.model import Address, Connection, Header, Messag
 from miltermonkey_core.contract.monkey import Monkey
 from miltermonkey_core.contract.verdict import Action, Reply, Verdict
 from miltermonkey_core.engine.breaker import CircuitBreaker
+from miltermonkey_core.engine.conditions import Conditions
 from miltermonkey_core.engine.guard import GuardedContext
 from miltermonkey_core.engine.hooks import BrainHooks, HookImpl
 from miltermonkey_core.logs import ROOT
@@ -121,6 +122,8 @@ class BrainSlot:
     breaker: CircuitBreaker = attrs.field(factory=CircuitBreaker.disabled)
     #: The brain's hooks, bound by the :class:`Chain` that holds this slot.
     hooks: BrainHooks | None = None
+    #: The ``when`` conditions under which it is called (None: always).
+    conditions: Conditions | None = None
 
     @property
     def timeout_policy(self) -> str:
@@ -193,6 +196,8 @@ class Chain:
         total = Needs.nothing()
         for s in self.slots:
             total = total | s.brain.needs
+            if s.conditions is not None:
+                total = total | s.conditions.needs()
             # a brain that implements a streaming hook needs that stage's data
             if s.implements("header") or s.implements("eoh"):
                 total = total | attrs.evolve(Needs.nothing(), headers=True)
@@ -210,30 +215,37 @@ class Chain:
     # One typed method per hook; each walks the brains implementing it.
 
     def connect(self, skipped: dict[str, str], qid: str, connection: Connection) -> Verdict | None:
-        return self._stage("connect", skipped, qid, lambda h: h.connect(connection))
+        return self._stage("connect", skipped, qid, lambda h: h.connect(connection),
+                           connection, None)
 
     def helo(self, skipped: dict[str, str], qid: str, connection: Connection,
              helo_name: str) -> Verdict | None:
-        return self._stage("helo", skipped, qid, lambda h: h.helo(connection, helo_name))
+        return self._stage("helo", skipped, qid, lambda h: h.helo(connection, helo_name),
+                           connection, None)
 
     def envfrom(self, skipped: dict[str, str], qid: str, message: Message,
                 sender: Address) -> Verdict | None:
-        return self._stage("envfrom", skipped, qid, lambda h: h.envfrom(message, sender))
+        return self._stage("envfrom", skipped, qid, lambda h: h.envfrom(message, sender),
+                           message.connection, message)
 
     def envrcpt(self, skipped: dict[str, str], qid: str, message: Message,
                 recipient: Address) -> Verdict | None:
-        return self._stage("envrcpt", skipped, qid, lambda h: h.envrcpt(message, recipient))
+        return self._stage("envrcpt", skipped, qid, lambda h: h.envrcpt(message, recipient),
+                           message.connection, message)
 
     def header(self, skipped: dict[str, str], qid: str, message: Message,
                header: Header) -> Verdict | None:
-        return self._stage("header", skipped, qid, lambda h: h.header(message, header))
+        return self._stage("header", skipped, qid, lambda h: h.header(message, header),
+                           message.connection, message)
 
     def eoh(self, skipped: dict[str, str], qid: str, message: Message) -> Verdict | None:
-        return self._stage("eoh", skipped, qid, lambda h: h.eoh(message))
+        return self._stage("eoh", skipped, qid, lambda h: h.eoh(message),
+                           message.connection, message)
 
     def body(self, skipped: dict[str, str], qid: str, message: Message,
              chunk: bytes) -> Verdict | None:
-        return self._stage("body", skipped, qid, lambda h: h.body(message, chunk))
+        return self._stage("body", skipped, qid, lambda h: h.body(message, chunk),
+                           message.connection, message)
 
     def abort(self, qid: str, message: Message) -> None:
         self._notify("abort", qid, lambda h: h.abort(message))
@@ -242,7 +254,8 @@ class Chain:
         self._notify("close", qid, lambda h: h.close(connection))
 
     def _stage(
-        self, hook: str, skipped: dict[str, str], qid: str, call: Callable[[BrainHooks], object]
+        self, hook: str, skipped: dict[str, str], qid: str, call: Callable[[BrainHooks], object],
+        connection: Connection, message: Message | None,
     ) -> Verdict | None:
         """Call ``hook`` on every brain not in ``skipped``; return the first final verdict.
 
@@ -251,6 +264,10 @@ class Chain:
         """
         for slot in self._by_hook[hook]:
             if slot.name in skipped:
+                continue
+            if slot.conditions is not None and (
+                    why := slot.conditions.failing(hook, connection, message)) is not None:
+                skipped[slot.name] = why
                 continue
             try:
                 v = call(slot.call)
@@ -319,6 +336,11 @@ class Chain:
                 results.append(BrainResult(slot.name, "skipped", detail=skip[slot.name]))
                 continue
             if not slot.implements("eom_process"):
+                continue
+            if slot.conditions is not None and (why := slot.conditions.failing(
+                    "eom", message.connection, message)) is not None:
+                log.debug("%s: brain %s not called: %s", qid, slot.name, why)
+                results.append(BrainResult(slot.name, "skipped", detail=why))
                 continue
             t0 = time.perf_counter()
             if deadline is not None and time.monotonic() >= deadline:

@@ -153,10 +153,18 @@ def run_offline(
     sender: str = "<sender@example.test>",
     recipients: Sequence[str] = ("<rcpt@example.test>",),
     macros: Mapping[str, str] | None = None,
+    client: str = "127.0.0.1",
 ) -> OfflineResult:
-    """Run the brains ``config`` lists over one message (``miltermonkey try``)."""
+    """Run the brains ``config`` lists over one message (``miltermonkey try``).
+
+    ``client`` is the address the message seems to come from, for brains and
+    ``when`` conditions that look at it.
+    """
     engine = build_engine(config)
+    family = "inet6" if ":" in client else "inet"
+    connection = Connection(id="offline", hostname="localhost", family=family,
+                            address=client, port=0)
     try:
-        return run_engine(engine, raw, sender, recipients, macros)
+        return run_engine(engine, raw, sender, recipients, macros, connection=connection)
     finally:
         engine.chain.close()

@@ -70,18 +70,22 @@ def send_mail(
     host: str = "127.0.0.1",
     helo: str = "client.test",
     timeout: float = 120.0,
+    source: str | None = None,
 ) -> SmtpResult:
     """Send *raw* over SMTP and report the outcome instead of raising.
 
     Tests assert on what the client saw ("550 5.7.1 ..." at end of data), so
     4xx/5xx replies are returned as data.  Bare LF line endings in *raw* are
-    sent as CRLF, as SMTP requires.
+    sent as CRLF, as SMTP requires.  ``source`` is the client's own address
+    (any 127.x.y.z works on loopback), for tests of what the MTA and the
+    brains make of where mail comes from.
     """
     payload = re.sub(rb"(?<!\r)\n", b"\r\n", raw)
     if isinstance(recipients, str):
         recipients = [recipients]
     try:
-        client = smtplib.SMTP(host, port, local_hostname=helo, timeout=timeout)
+        client = smtplib.SMTP(host, port, local_hostname=helo, timeout=timeout,
+                              source_address=(source, 0) if source else None)
     except smtplib.SMTPConnectError as exc:
         return SmtpResult(*_reply(exc.smtp_code, exc.smtp_error), stage="connect")
     except (OSError, smtplib.SMTPException) as exc:

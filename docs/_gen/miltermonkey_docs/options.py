@@ -44,8 +44,13 @@ BRAIN_KEY_DOCS: dict[str, dict[str, str]] = {
                    "doc": "The policy when the brain overruns its `timeout`."},
     "timeout": {"doc": "Seconds this brain's `eom_process` may take (a duration). The MTA is "
                        "kept waiting with progress replies meanwhile."},
-    "evaluation": {"doc": "Evaluation mode: the brain runs, and its verdict and edits are "
-                          "logged but not applied. Use it to try a new brain on live mail."},
+    "mode": {"doc": "`enforce` applies the brain's verdicts and edits; `evaluate` runs it on "
+                    "live mail, logs and counts what it would have done and applies nothing "
+                    "(see [conditions and evaluation](conditions.md)). The seed's "
+                    "`evaluation = true` means `evaluate`."},
+    "when": {"doc": "Conditions under which the brain is called, all of which must hold "
+                    "(see [conditions](conditions.md)); left out, the brain runs for every "
+                    "message."},
     "skip_if_key": {"doc": "Skip this brain when a trusted [milter key](milter-key.md) says it "
                            "already ran on this message, at an earlier hop."},
     "expiration": {"unset": "`defaultexpiration`",
@@ -133,6 +138,14 @@ def brain_keys(markdown: str) -> str:
         rows.append((code(key), shown, _aliases_of(aliases, key),
                      _sentence(doc) + _note_link(key, notes)))
     return table(("key", "default", "also accepted", "meaning"), rows)
+
+
+def when_keys(markdown: str) -> str:
+    """Every condition a ``when`` table takes, with what it reads."""
+    rows = [(code(key), _sentence(doc)) for key, doc in sources.WHEN_KEYS.items()]
+    if not rows:
+        raise GenerationError("no conditions found (WHEN_KEYS)")
+    return table(("condition", "meaning"), rows)
 
 
 def _implemented_hooks(cls: type[Any]) -> list[str]:

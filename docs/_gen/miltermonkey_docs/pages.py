@@ -20,6 +20,7 @@ MARKER = re.compile(r"^<!--\s*generated:\s*([a-z-]+)((?:\s+[^\s>]+)*)\s*-->[ \t]
 GENERATORS: dict[str, Callable[[str], str]] = {
     "daemon-options": options.daemon_options,
     "brain-keys": options.brain_keys,
+    "when-keys": options.when_keys,
     "brain-options": options.brain_options,
     "hook-contract": hookref.hook_contract,
     "hook-summary": hookref.hook_summary,

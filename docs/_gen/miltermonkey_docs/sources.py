@@ -27,6 +27,7 @@ from miltermonkey_core import (
     Verdict,
 )
 from miltermonkey_core.config import ALIASES, BRAIN_ALIASES, BRAIN_KEYS, BrainEntry, DaemonConfig
+from miltermonkey_core.config.conditions import WHEN_KEYS
 from miltermonkey_core.contract import hookspecs as _hookspecs
 from miltermonkey_core.engine.chain import BrainResult
 from miltermonkey_core.engine.offline import OfflineResult
@@ -71,6 +72,7 @@ __all__ = [
     "BRAIN_GROUP",
     "BRAIN_KEYS",
     "SHIPPED_BRAIN_DISTRIBUTIONS",
+    "WHEN_KEYS",
     "BrainEntry",
     "DaemonConfig",
     "brain_entry_points",
