@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """The smallest useful pymilter milter: add one header at end of message.
 
-The benchmark's yardstick for "what does the Python/libmilter layer cost
-before any framework": MilterMonkey with its trivial brain does the same
-work (one header) through its whole engine.
+The benchmark's yardstick for "what does a milter in Python cost before any
+framework", written the classic way, on pymilter and libmilter: MilterMonkey
+with its trivial brain does the same work (one header) through its own
+milter protocol code and its whole engine.
 
     python bench/bare_milter.py SOCKET            pymilter's defaults
     python bench/bare_milter.py --tuned SOCKET    answered connect/DATA + TCP_NODELAY

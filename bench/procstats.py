@@ -71,8 +71,9 @@ def descendants(roots: Iterable[int], parents: dict[int, int] | None = None) -> 
 def worker_pid(root: int, timeout: float = 10.0) -> int:
     """The process that does the work: ``root``'s child if it has one, else ``root``.
 
-    ``miltermonkey run`` is a supervisor that runs the libmilter process as its
-    child (MILTERMONKEY_NO_SUPERVISOR=1 makes it one process); profilers and fd
+    ``miltermonkey run`` is a supervisor that runs the worker as its child: the
+    process that speaks the milter protocol to the MTA and runs the brains
+    (MILTERMONKEY_NO_SUPERVISOR=1 makes it one process); profilers and fd
     watchers want the child.  Waits up to ``timeout`` s for the child to appear.
     """
     end = time.monotonic() + timeout

@@ -13,16 +13,17 @@ Output (under bench-results/profile-STAMP/): the collapsed stacks
 (``profile.txt``: one ``frame;frame;... count`` line per stack, the input of
 flamegraph.pl, speedscope or inferno), an SVG flame graph if ``--svg``, and
 ``summary.txt``: the top functions by own time (the frame on top of the
-stack when sampled), by total time (anywhere on the stack), and own time per
-area (MilterMonkey core, brains, pymilter, logging, other stdlib).
+stack when sampled), by total time (anywhere on the stack), own time per
+area (the core's milter protocol, the rest of the core, brains, logging,
+threading, sockets, other stdlib), and time per milter command handler.
 
 ``--gil`` (the default) samples only the thread that holds the GIL: the
 Python work the daemon does, which is what the framework can make cheaper.
 Without it py-spy samples every thread it thinks is running; under load on a
 busy 2-core box it counted threads blocked in ``SimpleQueue.get``,
-``Event.wait`` and libmilter's accept loop as running, which buries the real
-work under waits.  Native frames (libmilter, the C parts of pymilter) are off
-(py-spy's default): time spent there without the GIL does not show up.
+``Event.wait`` and ``accept`` as running, which buries the real work under
+waits.  Native frames are off (py-spy's default): time spent in C without
+the GIL (system calls, hashing) does not show up.
 
 Needs root (Postfix; py-spy attaches with ptrace) and py-spy in the venv
 (``pip install py-spy``).
@@ -65,15 +66,28 @@ def area(path: str) -> str:
     if "miltermonkey_core/brains/" in path or "miltermonkey_av/" in path \
             or "miltermonkey_spam/" in path:
         return "brains"
+    if "miltermonkey_core/milter/" in path:
+        return "milter protocol (core)"
     if "miltermonkey_core/" in path:
         return "miltermonkey core"
-    if "Milter/" in path:
-        return "pymilter (Python part)"
     if "logging/" in path:
         return "logging (stdlib)"
     if path.endswith(("threading.py", "queue.py")):
         return "threading/queue (stdlib)"
+    if path.endswith(("socket.py", "selectors.py")):
+        return "sockets (stdlib)"
     return "other stdlib/site-packages"
+
+
+def entry_point(frames: list[str]) -> str:
+    """The milter command handler a stack is in: the frame the connection's loop called.
+
+    Work handed to the pool has no loop below it: its first core frame.
+    """
+    for i, f in enumerate(frames[:-1]):
+        if f.startswith("_loop (") and "miltermonkey_core/milter/connection.py" in f:
+            return short(frames[i + 1])
+    return next((short(f) for f in frames if "miltermonkey_core" in f), short(frames[0]))
 
 
 def short(frame: str) -> str:
@@ -109,10 +123,7 @@ def summarize(raw: Path, top: int) -> str:
         areas[area(m.group("file") if m else leaf)] += n
         for f in {short(f) for f in frames}:
             total[f] += n
-        # the callback that libmilter called (first MilterMonkey/pymilter frame)
-        entry = next((short(f) for f in frames if "miltermonkey_core" in f or "Milter/" in f),
-                     short(frames[0]))
-        roots[entry] += n
+        roots[entry_point(frames)] += n
     if not samples:
         return "no samples (was the daemon busy?)"
 
@@ -126,7 +137,8 @@ def summarize(raw: Path, top: int) -> str:
     lines += table("own time by area", areas, 10)
     lines += table(f"top {top} functions by own time", own, top)
     lines += table(f"top {top} functions by total time (on the stack)", total, top)
-    lines += table("own+children time by entry point (first core/pymilter frame)", roots, 15)
+    lines += table("own+children time by milter command handler (or first core frame)",
+                   roots, 15)
     return "\n".join(lines)
 
 
@@ -202,7 +214,7 @@ def main() -> int:
         loader = threading.Thread(target=load, daemon=True)
         loader.start()
         time.sleep(1)
-        # the supervisor's child is the libmilter process that does the work
+        # the supervisor's child is the worker, the process that does the work
         pid = procstats.worker_pid(monkey.proc.pid if monkey.proc else 0)
         raw = out / "profile.txt"
         cmd = [pyspy, "record", "--pid", str(pid), "--rate", str(args.rate),
