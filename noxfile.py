@@ -46,7 +46,7 @@ def e2e(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff over everything."""
     session.install("ruff>=0.5")
-    session.run("ruff", "check", "miltermonkey_core", "plugins", "tests", "noxfile.py")
+    session.run("ruff", "check", "miltermonkey_core", "plugins", "tests", "bench", "noxfile.py")
 
 
 @nox.session
