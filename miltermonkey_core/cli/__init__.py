@@ -11,6 +11,8 @@ from miltermonkey_core import __version__
 from miltermonkey_core.cli.commands import add_commands
 from miltermonkey_core.cli.common import EXIT_ERROR, PROG, err
 from miltermonkey_core.cli.key import add_key_commands
+from miltermonkey_core.cli.status import add_status_command
+from miltermonkey_core.cli.systemd import add_systemd_command
 from miltermonkey_core.errors import MonkeyError
 
 
@@ -23,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_commands(sub)
     add_key_commands(sub)
+    add_status_command(sub)
+    add_systemd_command(sub)
     return parser
 
 

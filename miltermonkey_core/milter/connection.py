@@ -31,7 +31,7 @@ from miltermonkey_core.contract.verdict import Verdict
 from miltermonkey_core.engine.chain import MtaDecides, policy_verdict
 from miltermonkey_core.engine.session import Decision, Session, run_after_accept
 from miltermonkey_core.errors import ActionNotNegotiated
-from miltermonkey_core.logs import ROOT, SUMMARY_LEVEL, queue_id
+from miltermonkey_core.logs import ROOT, SUMMARY_LEVEL, MessageOutcome, queue_id
 from miltermonkey_core.milter import protocol as p
 from miltermonkey_core.milter.generation import Generation
 from miltermonkey_core.milter.replies import PROGRESS, decision_packets, verdict_packet
@@ -560,11 +560,13 @@ class MilterConnection:
         if isinstance(v, MtaDecides):
             log.warning("%s: no verdict: %s, in %.1f ms [%s]; dropping the milter connection so "
                         "the MTA applies its default action", qid, v.reason,
-                        decision.seconds * 1000, brains())
+                        decision.seconds * 1000, brains(),
+                        extra=MessageOutcome(session, decision, "mta").extra())
             raise ConnectionAbortedError(v.reason)
         if v is not None and v.final:
             log.info("%s: %s by %s in %.1f ms [%s]", qid, v.describe(), v.brain,
-                     decision.seconds * 1000, brains())
+                     decision.seconds * 1000, brains(),
+                     extra=MessageOutcome(session, decision, v.action.value).extra())
             if v.action.value == "discard" and decision.ctx.after_accept_jobs:
                 _after_accept(decision, qid)
             return verdict_packet(v)
@@ -579,7 +581,8 @@ class MilterConnection:
         if gen is not None and gen.daemon.debug_level >= SUMMARY_LEVEL:
             log.info("%s: accept in %.1f ms, %d edit(s)%s [%s]", qid,
                      decision.seconds * 1000, len(decision.ctx.edits),
-                     " quarantined" if decision.ctx.quarantine_request else "", brains())
+                     " quarantined" if decision.ctx.quarantine_request else "", brains(),
+                     extra=MessageOutcome(session, decision, "accept").extra())
         if decision.ctx.after_accept_jobs:
             _after_accept(decision, qid)
         return packets

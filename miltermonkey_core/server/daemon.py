@@ -40,6 +40,7 @@ from miltermonkey_core.milter.generation import Generation, new_generation
 from miltermonkey_core.plugins import installed_brains, load_brain_class
 from miltermonkey_core.server.eom import run_eom
 from miltermonkey_core.server.listener import Listener, connection_cap, raise_open_file_limit
+from miltermonkey_core.server.metrics import WorkerMetrics
 from miltermonkey_core.server.pidfile import remove_pidfile, write_pidfile
 from miltermonkey_core.server.pool import WorkerPool
 from miltermonkey_core.server.privileges import check_writable, drop_privileges, resolve
@@ -53,7 +54,7 @@ log = logging.getLogger(f"{ROOT}.daemon")
 #: values, logs which ones differ, and they apply at the next restart.
 RESTART_ONLY = ("connection", "socket_mode", "socket_group", "user", "group", "pidfile",
                 "log_target", "debug_mode", "miltername", "threads", "jobsperthread",
-                "max_connections")
+                "max_connections", "log_format", "metrics")
 
 
 def parse_connection(spec: str) -> Endpoint:
@@ -100,6 +101,7 @@ class Daemon:
                                                                 self.socket.family == "unix")
         self.pool = WorkerPool(d.threads, d.jobsperthread)
         self.registry = SessionRegistry(d.cid_timeout)
+        self.metrics = WorkerMetrics()
         self.open_files = raise_open_file_limit()
         self.listener = Listener(
             self.socket, self, timeouts_of(d),
@@ -130,10 +132,18 @@ class Daemon:
 
     def run_eom(self, session: Session, allowed: frozenset[str], progress: Callable[[], None],
                 gen: Generation) -> Decision:
-        return run_eom(self.pool, session, allowed, progress, gen, lambda: self.stop_deadline)
+        try:
+            decision = run_eom(self.pool, session, allowed, progress, gen,
+                               lambda: self.stop_deadline)
+        except Exception:
+            self.metrics.message_failed()
+            raise
+        self.metrics.message_done(session, decision)
+        return decision
 
     def session_opened(self, session: Session) -> None:
         self.registry.add(session)
+        self.metrics.session_opened()
 
     def session_closed(self, session: Session) -> None:
         self.registry.remove(session)
@@ -305,7 +315,7 @@ def serve_single(config: Config) -> int:
     no reload in this mode."""
     d = config.daemon
     setup_logging(target=d.log_target, debug_level=d.debug_level, debug_mode=d.debug_mode,
-                  name=d.miltername)
+                  name=d.miltername, log_format=d.log_format)
     try:
         daemon = Daemon(config, write_pid=True)
         install_stop_signals(daemon)

@@ -1,12 +1,10 @@
-"""``miltermonkey run``: a small pure-Python supervisor around the libmilter process.
+"""``miltermonkey run``: a small pure-Python supervisor around the milter process.
 
-Why two processes: libmilter (``smfi_main``) blocks SIGHUP, SIGTERM and
-SIGINT in every thread and waits for them in a thread of its own, where
-SIGHUP and SIGTERM simply stop the listener; a Python signal handler never
-runs while ``milter.main()`` does.  So reloading on SIGHUP cannot live in
-the libmilter process.  The supervisor owns the signals and the pid file
-and runs the milter as a child (the *worker*), talking to it over a
-control socket:
+Why two processes: brain code may crash or wedge the process it runs in,
+and a reload must never take the listening socket or the health endpoint
+down with it.  The supervisor owns the signals, the pid file, systemd's
+notifications and the ``metrics`` HTTP endpoint, and runs the milter as a
+child (the *worker*), talking to it over a control socket:
 
 * **SIGHUP**: the supervisor loads the configuration again and checks it
   (TOML or script, every brain importable, every brain's options valid,
@@ -15,19 +13,34 @@ control socket:
   builds the brains and switches new MTA connections to them; connections
   already open finish on the old brains (nothing is dropped).  If building
   fails in the worker (a brain that cannot start), the worker refuses too.
-  The listening socket is never closed, so a TCP listener (which libmilter
-  cannot hand from one process to another) survives every reload.
-* **SIGTERM / SIGINT**: the worker stops accepting at once, lets messages
-  in progress finish for up to ``shutdown_timeout`` seconds, removes its
-  UNIX socket and exits; the supervisor removes the pid file.  A second
-  SIGTERM/SIGINT kills the worker without waiting.
+  The listening socket is never closed, so a TCP listener survives every
+  reload.  systemd hears ``RELOADING=1`` then ``READY=1``.
+* **SIGTERM / SIGINT**: ``/readyz`` turns not-ready at once and systemd
+  hears ``STOPPING=1``; for ``drain_period`` seconds the worker keeps
+  serving, so a load balancer checking ``/readyz`` stops sending new
+  sessions; then the worker stops accepting, lets messages in progress
+  finish for up to ``shutdown_timeout`` seconds, removes its UNIX socket
+  and exits; the supervisor removes the pid file.  A second SIGTERM/SIGINT
+  during the drain period cuts it short; one after that kills the worker
+  without waiting.
 * **the worker dies** (a crash, the OOM killer): the supervisor starts a
   new one at once, then after 1 s, 2 s, ... up to 30 s while it keeps dying.
+  A worker that exits before it is ready ``restart_attempts`` times in a
+  row (a brain package uninstalled, say) makes the supervisor give up and
+  exit 1 with the reason, so systemd and the admin see the failure instead
+  of a process that serves nothing; ``restart_attempts = 0`` keeps trying.
 
 The control protocol is length-prefixed JSON frames.  The configuration
 travels to the worker pickled inside a frame: the worker trusts its parent.
 Nothing the worker sends back is ever unpickled, because the worker runs
-with fewer privileges than the supervisor (``user``/``group``).
+with fewer privileges than the supervisor (``user``/``group``).  The
+worker's counters reach ``/metrics`` the same way: at each scrape the
+supervisor asks (``stats``) and the worker answers with JSON (see
+:mod:`.metrics` for why the counters live in the worker).
+
+The supervisor removes the UNIX socket on the way out only when a worker
+reported binding it (its device and inode): a second ``miltermonkey run``
+on the socket of a running daemon fails, and leaves that socket alone.
 
 Upgrading brain *code* needs a restart (``systemctl restart``): Python
 cannot unload modules, and a reload only re-reads the configuration.
@@ -42,13 +55,22 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Mapping
 from typing import Any
+
+import attrs
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import CollectorRegistry
 
 from miltermonkey_core.config.endpoint import parse_connection
 from miltermonkey_core.errors import MonkeyError
 from miltermonkey_core.logs import ROOT, setup_logging
 from miltermonkey_core.server.control import pack_config, recv_frame, send_frame
+from miltermonkey_core.server.exposition import MonkeyCollector, SupervisorFacts, not_ready_reasons
+from miltermonkey_core.server.httpd import HealthServer
+from miltermonkey_core.server.notify import Notifier
 from miltermonkey_core.server.pidfile import remove_pidfile, write_pidfile
 from miltermonkey_core.server.preflight import load_fresh, problems_of
 from miltermonkey_core.server.sockets import remove_unix_socket
@@ -64,6 +86,10 @@ BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0
 #: First start: how often to try when the socket is still held by a predecessor.
 BIND_ATTEMPTS = 5
+#: Seconds a scrape or a readiness check waits for the worker's counters.
+STATS_TIMEOUT = 2.0
+#: /healthz fails when the supervisor's loop has not turned for this long.
+LIVENESS_STALL = 15.0
 
 
 # --- the supervisor ------------------------------------------------------------------------
@@ -76,6 +102,8 @@ class Worker:
         self.proc = proc
         self.sock = sock
         self.started = time.monotonic()
+        self.started_wall = time.time()
+        self._send_lock = threading.Lock()
         self.ready_at: float | None = None
         self.socket_ident: tuple[int, int] | None = None
         self.stopping = False
@@ -86,8 +114,10 @@ class Worker:
         return self.proc.pid
 
     def send(self, obj: dict[str, Any]) -> bool:
+        """One frame; from the main loop or the HTTP threads (hence the lock)."""
         try:
-            send_frame(self.sock, obj)
+            with self._send_lock:
+                send_frame(self.sock, obj)
         except OSError as e:
             log.warning("cannot reach worker %d: %s", self.pid, e)
             return False
@@ -120,6 +150,15 @@ class Supervisor:
         self.exit_code = 0
         self.socket_ident: tuple[int, int] | None = None
         self._pending_config: Any = None
+        self.facts = SupervisorFacts(started=time.time())
+        self.notifier = Notifier()
+        self.http: HealthServer | None = None
+        self.failed_starts = 0  # in a row; reset when a worker is ready
+        self.drain_until: float | None = None
+        self.tick = time.monotonic()
+        self._stats_lock = threading.Lock()
+        self._stats_serial = 0
+        self._stats_waiting: dict[int, list[Any]] = {}
 
     # --- signals -------------------------------------------------------------------
 
@@ -169,25 +208,38 @@ class Supervisor:
 
     def _on_message(self, w: Worker, msg: dict[str, Any]) -> None:
         event = msg.get("event")
-        if event == "ready":
+        if event == "stats":
+            with self._stats_lock:
+                waiting = self._stats_waiting.get(msg.get("id", -1))
+            if waiting is not None and isinstance(msg.get("data"), dict):
+                waiting[1] = msg["data"]
+                waiting[0].set()
+        elif event == "ready":
             w.ready_at = time.monotonic()
+            self.failed_starts = 0
             ident = msg.get("socket")
             if isinstance(ident, list) and len(ident) == 2:
                 w.socket_ident = (int(ident[0]), int(ident[1]))
                 self.socket_ident = w.socket_ident
             log.info("worker pid %d is serving (configuration generation %s)", w.pid,
                      msg.get("generation"))
+            self.notifier.status(f"serving: worker pid {w.pid}, configuration generation "
+                                 f"{msg.get('generation')}")
         elif event == "start_failed":
             w.error = str(msg.get("error", "unknown error"))
         elif event == "reloaded":
             self.config = self._pending_config or self.config
             self._pending_config = None
             self.reloads += 1
+            self._reload_done(True)
             log.info("reload done: worker pid %d now serves %s", w.pid, msg.get("detail"))
+            self.notifier.ready(f"serving: reloaded, {msg.get('detail')}")
         elif event == "reload_failed":
             self._pending_config = None
+            self._reload_done(False)
             log.error("reload refused by worker pid %d (it keeps the running configuration): "
                       "%s", w.pid, msg.get("error"))
+            self.notifier.ready("serving: reload refused, the running configuration stays")
         elif event == "stopped":
             n = msg.get("abandoned", 0)
             if n:
@@ -216,8 +268,16 @@ class Supervisor:
             log.info("worker pid %d exited (%s)", w.pid, _describe_exit(code))
             return
         if not served:
-            log.error("worker pid %d failed to start (%s)%s", w.pid, _describe_exit(code),
-                      f": {w.error}" if w.error else "")
+            self.facts.start_failures += 1
+            self.failed_starts += 1
+            why = f"worker pid {w.pid} failed to start ({_describe_exit(code)})" + (
+                f": {w.error}" if w.error else "")
+            log.error("%s", why)
+            limit = int(self.config.daemon.restart_attempts)
+            if limit and self.failed_starts >= limit:
+                self._give_up(f"{why}; {self.failed_starts} failed starts in a row "
+                              f"(restart_attempts = {limit}): giving up")
+                return
         else:
             log.error("worker pid %d died unexpectedly (%s)", w.pid, _describe_exit(code))
         if served and w.ready_at is not None and time.monotonic() - w.ready_at >= STABLE_AFTER:
@@ -226,6 +286,15 @@ class Supervisor:
         self.backoff = min(BACKOFF_MAX, max(BACKOFF_FIRST, self.backoff * 2))
         self.restart_at = time.monotonic() + delay
         log.warning("restarting the worker%s", f" in {delay:g} s" if delay else " now")
+
+    def _give_up(self, why: str) -> None:
+        """Stop for good with exit status 1: systemd (Restart=, alerts) and the admin see it."""
+        log.error("%s", why)
+        print(f"miltermonkey: {why}", file=sys.stderr)
+        self.notifier.failed(why)
+        self.exit_code = 1
+        self.stopping = True
+        self.restart_at = None
 
     def _wait_started(self, w: Worker, timeout: float) -> bool:
         """First start: wait for ready (True) or failure (False), signals honoured."""
@@ -259,6 +328,7 @@ class Supervisor:
         if self.stopping:
             return
         log.info("SIGHUP: reloading the configuration")
+        self.notifier.reloading()
         try:
             new = load_fresh(self.config)
             problems = [str(p) for p in problems_of(new)]
@@ -270,33 +340,126 @@ class Supervisor:
             for p in problems:
                 log.error("reload refused: %s", p)
             log.error("reload refused: the running configuration stays")
+            self._reload_done(False)
+            self.notifier.ready("serving: reload refused, the running configuration stays")
             return
+        if new.daemon.metrics != self.config.daemon.metrics:
+            log.warning("reload: metrics changed; the endpoint stays on %s until a restart",
+                        self.config.daemon.metrics)
+            new = attrs.evolve(new, daemon=attrs.evolve(new.daemon,
+                                                        metrics=self.config.daemon.metrics))
         w = self.worker
         if w is None or w.ready_at is None:
             self.config = new  # the next worker starts with it
+            self._reload_done(True)
             log.info("configuration checked; no worker is serving: it applies at the next start")
+            self.notifier.ready("configuration checked; it applies when a worker starts")
             return
         self._pending_config = new
         w.send({"cmd": "reload", "config": pack_config(new)})
 
+    def _reload_done(self, ok: bool) -> None:
+        self.facts.last_reload = time.time()
+        self.facts.last_reload_ok = ok
+        if ok:
+            self.facts.reloads_ok += 1
+        else:
+            self.facts.reloads_refused += 1
+
     def stop(self, why: str) -> None:
         w = self.worker
         if self.stopping:
-            if w is not None and w.proc.poll() is None:
+            if self.drain_until is not None:
+                log.warning("%s again: cutting the drain period short", why)
+                self._end_drain(why)
+            elif w is not None and w.proc.poll() is None:
                 log.warning("%s again: killing worker pid %d now", why, w.pid)
                 with contextlib.suppress(ProcessLookupError):
                     w.proc.kill()
             return
         self.stopping = True
-        grace = float(self.config.daemon.shutdown_timeout) + 10.0
-        self.kill_at = time.monotonic() + grace
+        self.restart_at = None
+        d = self.config.daemon
+        drain = float(d.drain_period)
+        self.notifier.stopping(f"stopping ({why})")
         if w is None:
             log.info("%s: stopping", why)
+            self.kill_at = time.monotonic() + float(d.shutdown_timeout) + 10.0
+            return
+        if drain > 0 and w.ready_at is not None:
+            self.drain_until = time.monotonic() + drain
+            self.kill_at = self.drain_until + float(d.shutdown_timeout) + 10.0
+            log.info("%s: /readyz now reports not ready; worker pid %d keeps serving for the "
+                     "drain period (%g s), then finishes messages in progress", why, w.pid,
+                     drain)
+            return
+        self._stop_worker(why)
+
+    def _end_drain(self, why: str) -> None:
+        self.drain_until = None
+        self.kill_at = time.monotonic() + float(self.config.daemon.shutdown_timeout) + 10.0
+        self._stop_worker(why)
+
+    def _stop_worker(self, why: str) -> None:
+        w = self.worker
+        if w is None:
             return
         log.info("%s: stopping worker pid %d (it finishes messages in progress)", why, w.pid)
         if not w.send({"cmd": "stop"}):
             with contextlib.suppress(ProcessLookupError):
                 w.proc.terminate()
+
+    # --- what /metrics, /healthz and /readyz read (from the HTTP threads) ----------------
+
+    def worker_stats(self, timeout: float = STATS_TIMEOUT) -> Mapping[str, Any] | None:
+        """The serving worker's counters, asked over the control socket; None if it is
+        not serving or does not answer within ``timeout``."""
+        w = self.worker
+        if w is None or w.ready_at is None or w.proc.poll() is not None:
+            return None
+        with self._stats_lock:
+            self._stats_serial += 1
+            serial = self._stats_serial
+            waiting: list[Any] = [threading.Event(), None]
+            self._stats_waiting[serial] = waiting
+        try:
+            if not w.send({"cmd": "stats", "id": serial}):
+                return None
+            waiting[0].wait(timeout)
+            data: Mapping[str, Any] | None = waiting[1]
+            return data
+        finally:
+            with self._stats_lock:
+                self._stats_waiting.pop(serial, None)
+
+    def current_facts(self) -> SupervisorFacts:
+        w = self.worker
+        f = self.facts
+        serving = w is not None and w.ready_at is not None and w.proc.poll() is None
+        return attrs.evolve(f, worker_pid=w.pid if w is not None else None,
+                            worker_serving=serving,
+                            worker_started=w.started_wall if serving and w else None,
+                            restarts=self.restarts, stopping=self.stopping,
+                            draining=self.drain_until is not None)
+
+    def readiness(self) -> list[str]:
+        facts = self.current_facts()
+        stats = self.worker_stats() if facts.worker_serving and not facts.stopping else None
+        return not_ready_reasons(facts, stats)
+
+    def live(self) -> bool:
+        return time.monotonic() - self.tick < LIVENESS_STALL
+
+    def _start_http(self) -> None:
+        spec = self.config.daemon.metrics
+        if not spec:
+            return
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(MonkeyCollector(self.current_facts, self.worker_stats))
+        ProcessCollector(namespace="miltermonkey_worker", registry=registry,
+                         pid=lambda: self.worker.pid if self.worker is not None else "-")
+        self.http = HealthServer(spec, registry, readiness=self.readiness, live=self.live)
+        self.http.start()
 
     # --- main loop ---------------------------------------------------------------------
 
@@ -304,57 +467,78 @@ class Supervisor:
         d = self.config.daemon
         if d.pidfile:
             write_pidfile(d.pidfile)
-        self._install_signals()
         try:
-            for attempt in range(BIND_ATTEMPTS):
-                w = self.spawn()
-                if self._wait_started(w, START_TIMEOUT):
-                    break
-                self._finish_worker(5.0)
-                if self.stopping:
-                    return self.exit_code
-                msg = w.error or ("the worker exited before it was ready "
-                                  f"({_describe_exit(w.proc.returncode)})")
-                if "cannot open" in msg and attempt + 1 < BIND_ATTEMPTS:
-                    # a previous instance may still be letting go of the port
-                    log.warning("%s; trying again in 1 s", msg)
-                    time.sleep(1.0)
-                    continue
-                print(f"miltermonkey: {msg}", file=sys.stderr)
-                self.exit_code = 1
+            self._start_http()
+            self._install_signals()
+            if not self._first_start():
                 return self.exit_code
-            while True:
-                timeout = 1.0
-                if self.restart_at is not None:
-                    timeout = max(0.0, min(timeout, self.restart_at - time.monotonic()))
-                for key, _ in self.selector.select(timeout):
-                    if key.data == "wake":
-                        _drain(self._wake_r)
-                    elif key.data == "worker" and self.worker is not None:
-                        self._read_worker(self.worker)
-                self._handle_signals()
-                self._reap()
-                if self.stopping:
-                    if self.worker is None:
-                        break
-                    if self.kill_at is not None and time.monotonic() >= self.kill_at:
-                        log.error("worker pid %d did not stop in time; killing it",
-                                  self.worker.pid)
-                        self._finish_worker(0.0)
-                        break
-                    continue
-                if self.restart_at is not None and time.monotonic() >= self.restart_at:
-                    self.restart_at = None
-                    self.restarts += 1
-                    self.spawn()
+            w = self.worker
+            self.notifier.ready(f"serving: worker pid {w.pid if w else '?'}")
+            self._loop()
         finally:
             self._finish_worker(5.0)
-            if self.socket.family == "unix":
+            if self.socket.family == "unix" and self.socket_ident is not None:
+                # only a socket a worker of ours bound: never another daemon's
                 remove_unix_socket(self.socket.unix_path, self.socket_ident)
             remove_pidfile(d.pidfile)
             signal.set_wakeup_fd(-1)
+            if self.http is not None:
+                self.http.close()
         log.info("supervisor stopped")
         return self.exit_code
+
+    def _first_start(self) -> bool:
+        """Start the first worker; False (with ``exit_code`` set) when it never served."""
+        for attempt in range(BIND_ATTEMPTS):
+            w = self.spawn()
+            if self._wait_started(w, START_TIMEOUT):
+                return True
+            self._finish_worker(5.0)
+            if self.stopping:
+                return False
+            self.facts.start_failures += 1
+            msg = w.error or ("the worker exited before it was ready "
+                              f"({_describe_exit(w.proc.returncode)})")
+            if "cannot open" in msg and attempt + 1 < BIND_ATTEMPTS:
+                # a previous instance may still be letting go of the port
+                log.warning("%s; trying again in 1 s", msg)
+                time.sleep(1.0)
+                continue
+            print(f"miltermonkey: {msg}", file=sys.stderr)
+            self.notifier.failed(msg)
+            self.exit_code = 1
+            return False
+        return False
+
+    def _loop(self) -> None:
+        while True:
+            self.tick = now = time.monotonic()
+            timeout = 1.0
+            for at in (self.restart_at, self.drain_until):
+                if at is not None:
+                    timeout = max(0.0, min(timeout, at - now))
+            for key, _ in self.selector.select(timeout):
+                if key.data == "wake":
+                    _drain(self._wake_r)
+                elif key.data == "worker" and self.worker is not None:
+                    self._read_worker(self.worker)
+            self._handle_signals()
+            self._reap()
+            if self.stopping:
+                if self.worker is None:
+                    return
+                if self.drain_until is not None and time.monotonic() >= self.drain_until:
+                    self._end_drain("drain period over")
+                if self.kill_at is not None and time.monotonic() >= self.kill_at:
+                    log.error("worker pid %d did not stop in time; killing it",
+                              self.worker.pid)
+                    self._finish_worker(0.0)
+                    return
+                continue
+            if self.restart_at is not None and time.monotonic() >= self.restart_at:
+                self.restart_at = None
+                self.restarts += 1
+                self.spawn()
 
     def _finish_worker(self, wait: float) -> None:
         w = self.worker
@@ -391,7 +575,7 @@ def supervise(config: Any) -> int:
     """``miltermonkey run``: supervise a milter worker until SIGTERM/SIGINT."""
     d = config.daemon
     setup_logging(target=d.log_target, debug_level=d.debug_level, debug_mode=d.debug_mode,
-                  name=d.miltername)
+                  name=d.miltername, log_format=d.log_format)
     try:
         return Supervisor(config).run()
     except MonkeyError as e:

@@ -1,8 +1,10 @@
 """The worker process: the milter itself, started and driven by the supervisor.
 
 ``python -m miltermonkey_core.server.worker FD``: the configuration arrives
-over the control socket FD, then the daemon serves; reloads and stops come
-over the same socket.
+over the control socket FD, then the daemon serves; reloads, stops and
+requests for its counters (``stats``, for ``/metrics`` and ``/readyz``)
+come over the same socket.  A reload runs on a thread of its own, so the
+counters keep answering while new brains are being built.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import sys
 import threading
 from typing import Any
 
+import attrs
+
 from miltermonkey_core.errors import MonkeyError
 from miltermonkey_core.logs import ROOT, setup_logging
 from miltermonkey_core.server.control import recv_frame, send_frame, unpack_config
@@ -23,7 +27,41 @@ from miltermonkey_core.server.daemon import Daemon, install_stop_signals
 log = logging.getLogger(f"{ROOT}.supervisor")
 
 
-def _control_loop(sock: socket.socket, daemon: Any, notify: Any) -> None:
+def snapshot(daemon: Daemon) -> dict[str, Any]:
+    """The worker's counters and state, as the supervisor's ``stats`` request gets them."""
+    data = daemon.metrics.snapshot()
+    gen = daemon.generation()
+    listener = daemon.listener
+    data.update(
+        pid=os.getpid(),
+        generation=gen.number if gen is not None else None,
+        stopping=daemon.stop_deadline is not None,
+        in_flight=daemon.registry.in_flight(),
+        sessions_open=len(daemon.registry),
+        connections_open=listener.open_connections,
+        max_connections=listener.max_connections,
+        listener=attrs.asdict(listener.stats),
+        brains=[{"name": slot.name, "use": slot.use, "on_error": slot.on_error,
+                 "mode": "evaluate" if slot.evaluation else "enforce",
+                 "breaker": slot.breaker.state if slot.breaker.enabled else "closed",
+                 "breaker_opened": slot.breaker.opened}
+                for slot in (gen.engine.chain.slots if gen is not None else ())],
+    )
+    return data
+
+
+def _reload(daemon: Daemon, text: str, notify: Any) -> None:
+    try:
+        config = unpack_config(text)
+    except Exception as e:
+        notify({"event": "reload_failed", "error": f"bad configuration frame: {e}"})
+        return
+    ok, detail = daemon.reload(config)
+    notify({"event": "reloaded", "detail": detail} if ok else
+           {"event": "reload_failed", "error": detail})
+
+
+def _control_loop(sock: socket.socket, daemon: Daemon, notify: Any) -> None:
     while True:
         try:
             msg = recv_frame(sock)
@@ -33,15 +71,14 @@ def _control_loop(sock: socket.socket, daemon: Any, notify: Any) -> None:
             daemon.request_stop("the supervisor went away")
             return
         cmd = msg.get("cmd")
-        if cmd == "reload":
+        if cmd == "stats":
             try:
-                config = unpack_config(str(msg["config"]))
-            except Exception as e:
-                notify({"event": "reload_failed", "error": f"bad configuration frame: {e}"})
-                continue
-            ok, detail = daemon.reload(config)
-            notify({"event": "reloaded", "detail": detail} if ok else
-                   {"event": "reload_failed", "error": detail})
+                notify({"event": "stats", "id": msg.get("id"), "data": snapshot(daemon)})
+            except Exception:
+                log.exception("gathering the counters for the supervisor failed")
+        elif cmd == "reload":
+            threading.Thread(target=_reload, args=(daemon, str(msg.get("config", "")), notify),
+                             name="mm-reload", daemon=True).start()
         elif cmd == "stop":
             daemon.request_stop("asked by the supervisor")
 
@@ -56,7 +93,7 @@ def worker_main(fd: int) -> int:
     config = unpack_config(str(msg["config"]))
     d = config.daemon
     setup_logging(target=d.log_target, debug_level=d.debug_level, debug_mode=d.debug_mode,
-                  name=d.miltername)
+                  name=d.miltername, log_format=d.log_format)
     lock = threading.Lock()
 
     def notify(event: dict[str, Any]) -> None:
