@@ -53,6 +53,11 @@ def timed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MonkeyProcess]:
         yield m
 
 
+def tcp(m: MonkeyProcess) -> tuple[str, int]:
+    assert isinstance(m.address, tuple)
+    return m.address
+
+
 def open_raw(m: MonkeyProcess) -> RawMilter:
     return RawMilter(m.address, timeout=10)
 
@@ -91,8 +96,10 @@ def test_a_message_slower_than_no_timeout_is_served(timed: MonkeyProcess) -> Non
     with MilterClient(timed.address, timeout=10) as c:
         c.negotiate()
         c.connect("slow.test", port=2525, address="192.0.2.9")
-        for step in (lambda: c.mail("<a@x.test>"), lambda: c.rcpt("<b@x.test>"),
-                     lambda: c.header("Subject", "slow")):
+        steps: list[Callable[[], object]] = [lambda: c.mail("<a@x.test>"),
+                                             lambda: c.rcpt("<b@x.test>"),
+                                             lambda: c.header("Subject", "slow")]
+        for step in steps:
             time.sleep(MILTER - 0.8)
             step()
         c.eoh()  # negotiated away: nothing is sent
@@ -114,7 +121,7 @@ def test_the_connection_over_max_connections_is_refused_at_once_and_logged(
         for c in mtas:
             c.negotiate()
             c.connect("mta.test", port=25, address="192.0.2.1")
-        sixth = socket.create_connection(m.address, timeout=10)
+        sixth = socket.create_connection(tcp(m), timeout=10)
         with sixth:
             sixth.sendall(struct.pack("!I", 13) + b"O" + struct.pack("!III", 6, 0x1FF, 0x1FFFFF))
             assert wait_closed(sixth, 5) < 1.0
@@ -147,7 +154,7 @@ def test_refusals_are_rate_limited_with_a_count(
     try:
         holder.negotiate()
         for _ in range(30):
-            with socket.create_connection(m.address, timeout=5) as s:
+            with socket.create_connection(tcp(m), timeout=5) as s:
                 assert wait_closed(s, 5) < 1.0
         lines = [line for line in m.log().splitlines() if "refused" in line]
         assert len(lines) == 1, lines  # one line per 10 s; the rest are counted
@@ -159,10 +166,10 @@ def test_connections_that_never_negotiate_lose_the_oldest_to_newcomers(
         monkey_daemon: Callable[..., MonkeyProcess]) -> None:
     """max_connections 80 allows 10 connections sitting before negotiation (80 // 8)."""
     m = monkey_daemon(daemon={"max_connections": 80})
-    idle = [socket.create_connection(m.address, timeout=10) for _ in range(10)]
+    idle = [socket.create_connection(tcp(m), timeout=10) for _ in range(10)]
     try:
         time.sleep(0.3)  # all ten are accepted before the eleventh
-        idle.append(socket.create_connection(m.address, timeout=10))
+        idle.append(socket.create_connection(tcp(m), timeout=10))
         assert wait_closed(idle[0], 5) < 1.0
         log_line(m, "10 connections have not negotiated; closing the oldest",
                  f"(127.0.0.1:{idle[0].getsockname()[1]}, connected")
