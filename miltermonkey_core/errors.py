@@ -32,6 +32,33 @@ class ConfigError(MonkeyError):
         return f"{where}{key}{self.message}"
 
 
+class ConfigErrors(ConfigError):
+    """Every problem found in one configuration, each located; listed one per line.
+
+    A check that stops at the first mistake makes the admin run it once per
+    mistake; the loader and the brain option checks collect them all.  It
+    is a :class:`ConfigError` whose location is the first problem's.
+    """
+
+    problems: list[ConfigError]
+
+    def __init__(self, problems: list[ConfigError]) -> None:
+        flat: list[ConfigError] = []
+        for p in problems:
+            flat.extend(p.problems if isinstance(p, ConfigErrors) else [p])
+        self.problems = flat
+        first = flat[0]
+        super().__init__(first.message, path=first.path, line=first.line, key=first.key)
+
+    def __str__(self) -> str:
+        return "\n".join(ConfigError.__str__(p) for p in self.problems)
+
+
+def config_problems(error: ConfigError) -> list[ConfigError]:
+    """The single problems an error stands for (itself, or each of a ConfigErrors)."""
+    return list(error.problems) if isinstance(error, ConfigErrors) else [error]
+
+
 class BrainLoadError(MonkeyError):
     """A configured brain could not be found, imported or instantiated."""
 

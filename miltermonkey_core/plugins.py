@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 import pluggy
 
+from miltermonkey_core.config.schema import to_toml_value
 from miltermonkey_core.contract import hookspecs
 from miltermonkey_core.contract.brain import Brain
 from miltermonkey_core.errors import BrainLoadError
@@ -94,6 +95,14 @@ class BrainInfo:
     error: str | None = None
 
 
+def _shown(default: Any) -> str:
+    """An option's default as the admin writes it (show-config's spelling)."""
+    try:
+        return to_toml_value(default)
+    except TypeError:
+        return repr(default)
+
+
 def brain_info() -> list[BrainInfo]:
     """What ``miltermonkey brains`` shows: one entry per installed brain."""
     out = []
@@ -111,7 +120,7 @@ def brain_info() -> list[BrainInfo]:
                 default = f.default
                 if isinstance(default, attrs.Factory):  # type: ignore[arg-type,unused-ignore]
                     default = default.factory()
-                opts.append((f.name, repr(default)))
+                opts.append((f.name, _shown(default)))
         desc = cls.description or (inspect.getdoc(cls) or "").split("\n", 1)[0]
         out.append(BrainInfo(name, ep.value, dist, version, tuple(hooks_of(cls)), desc,
                              tuple(opts)))

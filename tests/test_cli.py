@@ -180,7 +180,7 @@ def test_brains_lists_installed(env: dict[str, str]) -> None:
     assert "scan  (mm-cfgtest-brain 0.1)  mm_cfgtest_brain:ScanBrain" in r.stdout
     block = r.stdout.split("scan  (")[1].split("\n\n")[0]
     assert "hooks: eom_process" in block
-    assert "relay_mode = False" in block and "test scanner" in block
+    assert "relay_mode = false" in block and "test scanner" in block  # as show-config writes it
 
 
 def test_errors_are_one_line(env: dict[str, str], tmp_path: Path) -> None:
@@ -269,3 +269,56 @@ def test_try_from_stdin_and_missing_file(env: dict[str, str], tmp_path: Path) ->
     assert r.returncode == 1 and r.stderr.startswith("miltermonkey: ")
     r = mm(env, "try", "-", "--macro", "novalue", stdin=b"")
     assert r.returncode == 2 and "NAME=VALUE" in r.stderr
+
+
+def test_check_config_reports_every_problem(env: dict[str, str], tmp_path: Path) -> None:
+    """One run shows every mistake: the daemon table's do not hide the brains'."""
+    path = write(tmp_path, """
+        [miltermonkey]
+        milter_key = false
+        threads = "many"
+        colour = "blue"
+
+        [[brain]]
+        use = "patterned"
+        subject = "("
+        limit = 0
+
+        [[brain]]
+        use = "scan"
+        scanner_pth = "/x"
+        """)
+    r = mm(env, "check-config", "-c", path)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[0] == f"miltermonkey: {path}:3: threads: expected an integer, got 'many'"
+    text = r.stderr
+    assert f"{path}:4: colour: unknown key" in text
+    assert f"{path}:8: subject: error: missing ), unterminated subpattern" in text
+    assert f"{path}:9: limit: " in text
+    assert f"{path}:13: scanner_pth: unknown option" in text
+    assert "did you mean 'scanner_path'" in text
+    assert len(lines) == 5, text
+
+
+def test_brains_shows_defaults_as_the_config_writes_them(env: dict[str, str]) -> None:
+    r = mm(env, "brains")
+    block = r.stdout.split("patterned  (")[1].split("\n\n")[0]
+    assert 'subject = "^spam"' in block  # the pattern, not re.compile('^spam')
+
+
+def test_try_does_not_list_edits_of_a_refused_message(
+        env: dict[str, str], tmp_path: Path) -> None:
+    config = write(tmp_path, """
+        [miltermonkey]
+        milter_key = false
+        [[brain]]
+        use = "trivial"
+        [[brain]]
+        use = "scan"
+        """)
+    r = mm(env, "try", eml(tmp_path, "VIRUS"), "-c", config)
+    assert r.returncode == 5
+    assert "edits: none applied (the message is not delivered)" in r.stdout
+    assert "add header X-MilterMonkey" not in r.stdout

@@ -111,6 +111,19 @@ class NeedyBrain(Brain):
     """Test brain with a required option."""
 
     Options = NeedyOptions
+
+
+@attrs.frozen(kw_only=True)
+class PatternOptions:
+    # re.compile raises re.error, not ValueError, on a bad pattern
+    subject: re.Pattern = attrs.field(default="^spam", converter=re.compile)
+    limit: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+
+
+class PatternBrain(Brain):
+    """Test brain whose converter raises its own error."""
+
+    Options = PatternOptions
 '''
 
 
@@ -125,6 +138,7 @@ def make_fake_dist(root: Path) -> Path:
         "[miltermonkey.brains]\n"
         "scan = mm_cfgtest_brain:ScanBrain\n"
         "needy = mm_cfgtest_brain:NeedyBrain\n"
+        "patterned = mm_cfgtest_brain:PatternBrain\n"
     )
     return root
 

@@ -11,9 +11,10 @@ from miltermonkey_core import __version__
 from miltermonkey_core.cli.commands import add_commands
 from miltermonkey_core.cli.common import EXIT_ERROR, PROG, err
 from miltermonkey_core.cli.key import add_key_commands
+from miltermonkey_core.cli.newbrain import add_new_brain_command
 from miltermonkey_core.cli.status import add_status_command
 from miltermonkey_core.cli.systemd import add_systemd_command
-from miltermonkey_core.errors import MonkeyError
+from miltermonkey_core.errors import ConfigError, MonkeyError, config_problems
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_key_commands(sub)
     add_status_command(sub)
     add_systemd_command(sub)
+    add_new_brain_command(sub)
     return parser
 
 
@@ -36,8 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         status: int = args.func(args)
-    except MonkeyError as e:  # ConfigError, BrainLoadError, SecretError...
-        err(str(e))
+    except MonkeyError as e:  # ConfigError(s), BrainLoadError, SecretError...
+        for problem in config_problems(e) if isinstance(e, ConfigError) else [e]:
+            err(str(problem))
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

@@ -25,7 +25,7 @@ from miltermonkey_core.cli.common import (
     load,
 )
 from miltermonkey_core.engine.offline import run_offline
-from miltermonkey_core.errors import BrainLoadError
+from miltermonkey_core.errors import BrainLoadError, ConfigError, MonkeyError
 from miltermonkey_core.plugins import brain_info, load_brain_class
 from miltermonkey_core.server.main import run
 from miltermonkey_core.server.preflight import problems_of, resolve_brains
@@ -37,8 +37,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = load(args.config)
-    problems = problems_of(config, environment=True)
+    found: list[ConfigError] = []
+    config = load(args.config, problems=found)
+    problems: list[MonkeyError] = [*found, *problems_of(config, environment=True)]
     for p in problems:
         err(str(p))
     if problems:
@@ -167,9 +168,13 @@ def cmd_try(args: argparse.Namespace) -> int:
         detail = f" ({r.detail})" if r.detail else ""
         print(f"brain {r.brain}: {r.outcome}, {r.action.value}, {r.seconds:.3f} s{detail}")
     edits = result.ctx.edits
-    print(f"edits: {len(edits) or 'none'}")
-    for i, edit in enumerate(edits, 1):
-        print(f"  {i}. {edit.brain}: {_describe_edit(edit)}")
+    if verdict is not None and verdict.final:
+        print("edits: none applied (the message is not delivered)"
+              if edits else "edits: none")
+    else:
+        print(f"edits: {len(edits) or 'none'}")
+        for i, edit in enumerate(edits, 1):
+            print(f"  {i}. {edit.brain}: {_describe_edit(edit)}")
     q = result.ctx.quarantine_request
     if q is not None:
         print(f"quarantine: {q.reason} [by {q.brain}]")

@@ -9,6 +9,7 @@ import sys
 
 from miltermonkey_core.config.load import embedded_default, load_any
 from miltermonkey_core.config.schema import Config
+from miltermonkey_core.errors import ConfigError
 from miltermonkey_core.plugins import detect_local_engines, installed_brains
 
 PROG = "miltermonkey"
@@ -25,15 +26,16 @@ def err(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr)
 
 
-def load(config_path: str | None) -> Config:
+def load(config_path: str | None, problems: list[ConfigError] | None = None) -> Config:
     """The configuration at ``config_path``, else the built-in default.
 
     The embedded default adds the av and spam brains when they are installed
-    and find their engine answering on this machine.
+    and find their engine answering on this machine.  ``problems``: collect
+    the file's mistakes there instead of raising the first (``check-config``).
     """
     installed = installed_brains()
     if config_path:
-        return load_any(config_path, installed=installed)
+        return load_any(config_path, installed=installed, problems=problems)
     return embedded_default(installed=installed, detected=detect_local_engines(installed))
 
 

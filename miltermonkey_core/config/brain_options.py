@@ -30,7 +30,7 @@ from miltermonkey_core.config.values import (
     show,
     string,
 )
-from miltermonkey_core.errors import ConfigError
+from miltermonkey_core.errors import ConfigError, ConfigErrors
 
 
 def _type_hints(cls: type) -> dict[str, Any]:
@@ -134,22 +134,25 @@ def _conform(tp: Any, value: Any) -> Any:
     raise _Unknown
 
 
-def _culprit(options_cls: type, kwargs: Mapping[str, Any], order: Sequence[str]) -> str | None:
-    """Which supplied option makes the Options class refuse, tried one at a time.
+def _refusals(options_cls: type, kwargs: Mapping[str, Any],
+              order: Sequence[str]) -> dict[str, str]:
+    """Which supplied options make the Options class refuse, each tried alone.
 
     attrs validators raise without saying which field they guard, and custom
-    ones raise plain ValueError; building with each option alone (plus the
-    required ones) finds it as long as the defaults are valid.
+    ones raise plain ValueError (or, as ``converter=re.compile`` does, an
+    error of their own); building with each option alone (plus the required
+    ones) finds every bad one as long as the defaults are valid.
     """
     fields = option_fields(options_cls)
     required = {k: v for k, v in kwargs.items()
                 if k in fields and fields[k].default is attrs.NOTHING}
+    out: dict[str, str] = {}
     for key in order:
         try:
             options_cls(**{**required, key: kwargs[key]})
-        except (TypeError, ValueError):
-            return key
-    return None
+        except Exception as e:
+            out[key] = _validator_message(e)
+    return out
 
 
 def build_brain_options(brain_cls: type, entry: BrainEntry, config: Config | None = None) -> Any:
@@ -157,8 +160,9 @@ def build_brain_options(brain_cls: type, entry: BrainEntry, config: Config | Non
 
     Unknown keys (with a "did you mean"), wrong types and values the class's
     own validators or converters refuse all become ConfigErrors at the key's
-    line.  ``OPTION_ALIASES`` on the Options class maps seed spellings
-    (``uvscanpath``) to field names (``scanner_path``).
+    line; every bad option is reported (:class:`~miltermonkey_core.errors.ConfigErrors`),
+    not the first only.  ``OPTION_ALIASES`` on the Options class maps seed
+    spellings (``uvscanpath``) to field names (``scanner_path``).
     """
     path = config.path if config is not None and config.path else entry.path
     where = f"[[brain]] {entry.name!r}" + (f" ({entry.use})" if entry.name != entry.use else "")
@@ -170,8 +174,8 @@ def build_brain_options(brain_cls: type, entry: BrainEntry, config: Config | Non
     options_cls: Any = getattr(brain_cls, "Options", None)
     if options_cls is None or not attrs.has(options_cls):
         if entry.options:
-            key = next(iter(entry.options))
-            raise fail(f"brain {entry.use!r} takes no options ({where})", key)
+            raise ConfigErrors([fail(f"brain {entry.use!r} takes no options ({where})", key)
+                                for key in entry.options])
         return options_cls() if options_cls is not None else None
     fields = option_fields(options_cls)
     clash = sorted(set(fields) & set(BRAIN_KEYS))
@@ -183,6 +187,7 @@ def build_brain_options(brain_cls: type, entry: BrainEntry, config: Config | Non
     hints = _type_hints(options_cls)
     kwargs: dict[str, Any] = {}
     written: dict[str, str] = {}  # field name -> key as written
+    problems: list[ConfigError] = []
     for key, raw in entry.options.items():
         name = aliases.get(key, key)
         if name not in fields:
@@ -191,9 +196,11 @@ def build_brain_options(brain_cls: type, entry: BrainEntry, config: Config | Non
                 f"; {entry.use!r} takes: {', '.join(valid)}" if valid else
                 f"; {entry.use!r} takes no options"
             )
-            raise fail(f"unknown option in {where}{hint}", key)
+            problems.append(fail(f"unknown option in {where}{hint}", key))
+            continue
         if name in written:
-            raise fail(f"given twice in {where} (also as {written[name]!r})", key)
+            problems.append(fail(f"given twice in {where} (also as {written[name]!r})", key))
+            continue
         written[name] = key
         attr = fields[name]
         tp = hints.get(attr.name, attr.type)
@@ -202,23 +209,29 @@ def build_brain_options(brain_cls: type, entry: BrainEntry, config: Config | Non
             try:
                 value = _conform(tp, value)
             except Invalid as e:
-                raise fail(f"{e} ({where})", key) from None
+                problems.append(fail(f"{e} ({where})", key))
+                continue
             except _Unknown:
                 pass
         kwargs[name] = value
-    missing = [n for n, a in fields.items() if a.default is attrs.NOTHING and n not in kwargs]
-    if missing:
-        raise fail(f"brain {entry.use!r} needs option {missing[0]!r} in {where}", missing[0])
+    problems += [fail(f"brain {entry.use!r} needs option {n!r} in {where}", n)
+                 for n, a in fields.items() if a.default is attrs.NOTHING and n not in kwargs
+                 and n not in written]
+    if problems:
+        raise ConfigErrors(problems)
     try:
         return options_cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        culprit = _culprit(options_cls, kwargs, list(written))
-        bad_key = written.get(culprit) if culprit else None
-        raise fail(f"{_validator_message(e)} ({where})", bad_key) from None
+    except Exception as e:
+        refused = _refusals(options_cls, kwargs, list(written))
+        if not refused:  # only the combination is refused
+            raise fail(f"{_validator_message(e)} ({where})", None) from None
+        raise ConfigErrors([fail(f"{message} ({where})", written[name])
+                            for name, message in refused.items()]) from None
 
 
 def _validator_message(e: Exception) -> str:
     """attrs validators put the message first in ``args``, then the attribute."""
-    if e.args and isinstance(e.args[0], str):
+    if isinstance(e, (TypeError, ValueError)) and e.args and isinstance(e.args[0], str):
         return e.args[0]
-    return str(e) or type(e).__name__
+    text = str(e) or type(e).__name__
+    return text if isinstance(e, (TypeError, ValueError)) else f"{type(e).__name__}: {text}"

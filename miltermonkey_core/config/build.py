@@ -40,7 +40,7 @@ from miltermonkey_core.config.values import (
     optional,
     string,
 )
-from miltermonkey_core.errors import ConfigError
+from miltermonkey_core.errors import ConfigError, ConfigErrors, config_problems
 
 
 @attrs.frozen
@@ -82,26 +82,31 @@ def _canonical(
     return out
 
 
-def _build_daemon(table: RawTable, path: str | None) -> tuple[DaemonConfig, dict[str, int]]:
+def _build_daemon(table: RawTable, path: str | None
+                  ) -> tuple[DaemonConfig, dict[str, int], list[ConfigError]]:
+    """The daemon table, its keys' lines, and every problem found (keys left at default)."""
     items = _canonical(table, ALIASES, path)
     kwargs: dict[str, Any] = {}
     lines: dict[str, int] = {}
+    problems: list[ConfigError] = []
     for canon, item in items.items():
         field = DAEMON_FIELDS.get(canon)
         if field is None:
             hint = did_you_mean(item.key, [*DAEMON_FIELDS, *ALIASES])
             if item.key == BRAIN_TABLE or item.key in BRAIN_KEYS:
                 hint = "; brains are configured in [[brain]] tables"
-            raise ConfigError(f"unknown key in [{DAEMON_TABLE}]{hint}",
-                              path=path, line=item.line, key=item.key)
+            problems.append(ConfigError(f"unknown key in [{DAEMON_TABLE}]{hint}",
+                                        path=path, line=item.line, key=item.key))
+            continue
         assert field.converter is not None
         try:
             kwargs[canon] = field.converter(item.value)  # type: ignore[operator]
         except Invalid as e:
-            raise ConfigError(str(e), path=path, line=item.line, key=item.key) from None
+            problems.append(ConfigError(str(e), path=path, line=item.line, key=item.key))
+            continue
         if item.line:
             lines[canon] = item.line
-    return DaemonConfig(**kwargs), lines
+    return DaemonConfig(**kwargs), lines, problems
 
 
 def mode_value(value: Any) -> str:
@@ -136,6 +141,7 @@ def _build_brain(
     common: dict[str, Any] = {}
     options: dict[str, Any] = {}
     lines: dict[str, int] = {}
+    problems: list[ConfigError] = []
     for canon, item in items.items():
         if item.line:
             lines[item.key] = item.line
@@ -145,8 +151,8 @@ def _build_brain(
                 common["when"] = parse_when(item.value)
             except WhenError as e:
                 sub = e.key.partition(".")[2]
-                raise ConfigError(str(e), path=path, line=item.sublines.get(sub, item.line),
-                                  key=e.key) from None
+                problems.append(ConfigError(str(e), path=path,
+                                            line=item.sublines.get(sub, item.line), key=e.key))
             continue
         check = _BRAIN_CHECKS.get(canon)
         if check is None:
@@ -155,7 +161,9 @@ def _build_brain(
         try:
             common[canon] = check(item.value)
         except Invalid as e:
-            raise ConfigError(str(e), path=path, line=item.line, key=item.key) from None
+            problems.append(ConfigError(str(e), path=path, line=item.line, key=item.key))
+    if problems:
+        raise ConfigErrors(problems)
     if "use" not in common:
         have = f" (installed: {', '.join(sorted(installed))})" if installed else ""
         raise ConfigError(f'every [[brain]] needs use = "<brain>"{have}',
@@ -194,28 +202,43 @@ def build_config(
     path: str | None = None,
     source: str = "toml",
     installed: Mapping[str, Any] | None = None,
+    problems: list[ConfigError] | None = None,
 ) -> Config:
-    """Check located raw tables and build the Config; the first problem raises.
+    """Check located raw tables and build the Config.
 
-    ``installed`` (brain name -> anything) is what brains the machine has,
-    looked up by the caller; ``None`` skips that check (for tools that only
-    edit, and for unit tests of the schema).
+    Every problem is collected, in file order, and raised together as
+    :class:`~miltermonkey_core.errors.ConfigErrors`: a mistake in the daemon
+    table does not hide the brains' mistakes.  ``installed`` (brain name ->
+    anything) is what brains the machine has, looked up by the caller;
+    ``None`` skips that check (for tools that only edit, and for unit tests
+    of the schema).  Given a ``problems`` list, the problems go there instead
+    and the Config holds what could be read (defaults for the bad keys, the
+    good brains), so ``check-config`` can go on to check the brains' options.
     """
-    daemon_cfg, lines = _build_daemon(daemon, path)
+    daemon_cfg, lines, found = _build_daemon(daemon, path)
     entries: list[BrainEntry] = []
     seen: dict[str, BrainEntry] = {}
     for table in brains:
-        entry = _build_brain(table, daemon_cfg, path, installed)
+        try:
+            entry = _build_brain(table, daemon_cfg, path, installed)
+        except ConfigError as e:
+            found.append(e)
+            continue
         if entry.name in seen:
             other = seen[entry.name]
             where = f" at line {other.line}" if other.line else ""
             key = "name" if "name" in entry.option_lines else "use"
-            raise entry.error(
+            found.append(entry.error(
                 f"brain name {entry.name!r} is already used by the [[brain]]{where}; "
                 f'give one of them its own name = "..."',
                 key=key,
-            )
+            ))
+            continue
         seen[entry.name] = entry
         entries.append(entry)
+    if found and problems is None:
+        raise ConfigErrors(found)
+    if problems is not None:
+        problems.extend(config_problems(ConfigErrors(found)) if found else [])
     return Config(daemon=daemon_cfg, brains=tuple(entries), path=path, source=source,
                   daemon_lines=lines)

@@ -49,8 +49,9 @@ def loads(
     path: str | None = None,
     source: str = "toml",
     installed: Mapping[str, Any] | None = None,
+    problems: list[ConfigError] | None = None,
 ) -> Config:
-    """Parse and check a TOML configuration given as text."""
+    """Parse and check a TOML configuration given as text (``problems``: see build_config)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -89,7 +90,8 @@ def loads(
                 )
             what = "table" if isinstance(value, dict) else "key"
             raise ConfigError(f"unknown top-level {what}{hint}", path=path, line=line, key=key)
-    return build_config(daemon, brains, path=path, source=source, installed=installed)
+    return build_config(daemon, brains, path=path, source=source, installed=installed,
+                        problems=problems)
 
 
 def _sublines(loc: TomlLocator, table: tuple[str | int, ...], value: Any) -> dict[str, int]:
@@ -109,18 +111,20 @@ def _read_text(path: str | pathlib.Path) -> str:
         raise ConfigError(f"cannot read: {e.strerror or e}", path=str(path)) from None
 
 
-def load_config(path: str | pathlib.Path, *, installed: Mapping[str, Any] | None = None) -> Config:
+def load_config(path: str | pathlib.Path, *, installed: Mapping[str, Any] | None = None,
+                problems: list[ConfigError] | None = None) -> Config:
     """Load and check a TOML configuration file."""
-    return loads(_read_text(path), path=str(path), installed=installed)
+    return loads(_read_text(path), path=str(path), installed=installed, problems=problems)
 
 
-def load_any(path: str | pathlib.Path, *, installed: Mapping[str, Any] | None = None) -> Config:
+def load_any(path: str | pathlib.Path, *, installed: Mapping[str, Any] | None = None,
+             problems: list[ConfigError] | None = None) -> Config:
     """Load a ``.toml`` file or a ``.py`` start script, by suffix."""
     suffix = pathlib.Path(path).suffix.lower()
     if suffix == ".py":
         return load_script(path, installed=installed)
     if suffix == ".toml":
-        return load_config(path, installed=installed)
+        return load_config(path, installed=installed, problems=problems)
     raise ConfigError(f"unknown configuration type {suffix or '(no suffix)'!r}: "
                       "use a .toml file or a .py start script", path=str(path))
 

@@ -127,15 +127,6 @@ class DaemonConfig:
     restart_attempts: int = _opt(5, integer(0, 10000),
                                  "failed worker starts in a row before the supervisor gives "
                                  "up (0: never)")
-    log_format: str = _opt("text", choice("text", "json"),
-                           "log lines as text, or one JSON object a line (json)")
-    metrics: str | None = _opt(None, optional(host_port),
-                               "HOST:PORT serving /metrics, /healthz and /readyz (unset: off)")
-    drain_period: float = _opt(0.0, duration(0, whole=False),
-                               "seconds /readyz fails on SIGTERM before the listener closes")
-    restart_attempts: int = _opt(5, integer(0, 10000),
-                                 "failed worker starts in a row before the supervisor gives "
-                                 "up (0: never)")
 
     @property
     def endpoint(self) -> Endpoint:

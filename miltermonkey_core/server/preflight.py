@@ -18,7 +18,7 @@ from miltermonkey_core.config.brain_options import build_brain_options
 from miltermonkey_core.config.endpoint import parse_connection
 from miltermonkey_core.config.load import embedded_default, load_any
 from miltermonkey_core.config.schema import Config
-from miltermonkey_core.errors import BrainLoadError, ConfigError, MonkeyError
+from miltermonkey_core.errors import BrainLoadError, ConfigError, MonkeyError, config_problems
 from miltermonkey_core.milterkey.secrets import check_secret_file
 from miltermonkey_core.plugins import detect_local_engines, installed_brains, load_brain_class
 
@@ -48,7 +48,7 @@ def resolve_brains(config: Config) -> tuple[dict[str, Any], list[MonkeyError]]:
         try:
             built[entry.name] = build_brain_options(cls, entry, config)
         except ConfigError as e:
-            problems.append(e)
+            problems.extend(config_problems(e))
     return built, problems
 
 
