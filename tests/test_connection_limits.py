@@ -20,6 +20,7 @@ import pytest
 from test_protocol_state import log_line, peer
 from test_reliability_support import RawMilter, alive_and_serving, connect_packet
 
+from miltermonkey_core.milter.protocol import MilterProtocolError
 from miltermonkey_core.testing.client import MilterClient
 from miltermonkey_core.testing.daemon import MonkeyProcess
 
@@ -56,6 +57,21 @@ def timed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MonkeyProcess]:
 def tcp(m: MonkeyProcess) -> tuple[str, int]:
     assert isinstance(m.address, tuple)
     return m.address
+
+
+def negotiated(m: MonkeyProcess) -> MilterClient:
+    """An MTA connection in place; retried while start-up's readiness probe still counts."""
+    end = time.monotonic() + 5
+    while True:
+        c = MilterClient(m.address, timeout=10)
+        try:
+            c.negotiate()
+            return c
+        except (OSError, MilterProtocolError):
+            c.close()
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.1)
 
 
 def open_raw(m: MonkeyProcess) -> RawMilter:
@@ -116,10 +132,9 @@ def test_the_connection_over_max_connections_is_refused_at_once_and_logged(
         monkey_daemon: Callable[..., MonkeyProcess]) -> None:
     m = monkey_daemon(daemon={"max_connections": 5})
     assert "max_connections=5" in m.log()
-    mtas = [MilterClient(m.address, timeout=10) for _ in range(5)]
+    mtas = [negotiated(m) for _ in range(5)]
     try:
         for c in mtas:
-            c.negotiate()
             c.connect("mta.test", port=25, address="192.0.2.1")
         sixth = socket.create_connection(tcp(m), timeout=10)
         with sixth:
@@ -150,9 +165,8 @@ def wait_until_served(m: MonkeyProcess, seconds: float) -> bool:
 def test_refusals_are_rate_limited_with_a_count(
         monkey_daemon: Callable[..., MonkeyProcess]) -> None:
     m = monkey_daemon(daemon={"max_connections": 1})
-    holder = MilterClient(m.address, timeout=10)
+    holder = negotiated(m)
     try:
-        holder.negotiate()
         for _ in range(30):
             with socket.create_connection(tcp(m), timeout=5) as s:
                 assert wait_closed(s, 5) < 1.0
