@@ -22,6 +22,11 @@ PACKAGES = ["-e", ".", "-e", "plugins/miltermonkey-av", "-e", "plugins/miltermon
 #: bare-milter contender.
 DEV_TOOLS = ["pytest>=8", "hypothesis>=6.100", "pymilter>=1.0.5"]
 
+#: miltertest (GPLv3) is an MTA side independent of ours, for
+#: tests/test_quit_nc_miltertest.py: installed for the tests only, never a
+#: dependency of a MilterMonkey package.
+DEV_TOOLS += ["miltertest>=1.0"]
+
 
 def install_project(session: nox.Session) -> None:
     session.install(*PACKAGES)
