@@ -15,8 +15,9 @@ message to them):
 * **refused** (the daemon does not start): a directory on the way that is
   writable by everyone without the sticky bit;
 * **warned about** (the daemon starts, the log says why it should not):
-  a world-writable directory with the sticky bit, like ``/tmp`` (another
-  user can take the name while the daemon is not running); a directory
+  a socket directly in a world-writable directory with the sticky bit, like
+  ``/tmp`` (another user can take the name while the daemon is not
+  running; a directory of the daemon's own under ``/tmp`` is fine); a directory
   writable by a group other than root's and the daemon's; a directory
   owned by a user other than root and the daemon's.
 
@@ -63,7 +64,8 @@ def directory_problems(path: str, uid: int | None = None,
         if mode & stat.S_IWOTH and not sticky:
             refusals.append(f"{directory} is writable by every user (mode "
                             f"{stat.S_IMODE(mode):04o}): anyone could replace the socket")
-        elif mode & stat.S_IWOTH:
+        elif mode & stat.S_IWOTH and directory == d:
+            # (sticky: nobody else can rename what is in it; only the name can be taken)
             warnings.append(f"{directory} is world-writable (mode {stat.S_IMODE(mode):04o}, "
                             "sticky): another user can take the socket's name while the daemon "
                             "is not running")
