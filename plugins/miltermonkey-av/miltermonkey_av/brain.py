@@ -16,6 +16,13 @@ A failed scan (engine down, timeout, a reply we cannot read) raises: the
 core then applies this brain's ``on_error`` policy, ``tempfail`` unless the
 admin says otherwise, so mail is never accepted unscanned by accident.
 
+Mail the engine could not look at to the end is never "Clean" either:
+before the engine, :mod:`~miltermonkey_av.mime_limits` walks the structure
+(nesting depth, part count, nested archives) against ``max_mime_depth`` and
+``max_mime_parts``, and an engine that says it stopped at one of its own
+limits (clamd's ``Heuristics.Limits.Exceeded.*``) is believed.  Both go to
+``limits_action``: reject by default.
+
 Skipping mail a trusted hop already scanned (the seed's milter key and
 ``alternate_key_header``) is the core's job: set ``skip_if_key = true`` on
 the ``[[brain]]`` table and the core does not call this brain for it.
@@ -28,6 +35,7 @@ from typing import Any, Final, Protocol
 from miltermonkey_av import __version__
 from miltermonkey_av.clamd import CHUNK_SIZE, ClamdClient, ClamdPool
 from miltermonkey_av.command import CommandScanner
+from miltermonkey_av.mime_limits import Exceeded, inspect
 from miltermonkey_av.notices import (
     RECIPIENT_NOTICE,
     SENDER_NOTICE,
@@ -40,7 +48,7 @@ from miltermonkey_av.notices import (
     text_part,
 )
 from miltermonkey_av.options import AntiVirusOptions
-from miltermonkey_av.result import ScanResult, Status
+from miltermonkey_av.result import LIMITS_PREFIX, ScanResult, Status
 from miltermonkey_core import (
     Brain,
     Capability,
@@ -54,6 +62,8 @@ from miltermonkey_core import (
 
 SCANNED_HEADER = "X-Virus-Scanned"
 STATUS_HEADER = "X-Virus-Status"
+#: The status of mail delivered although the scan stopped at a limit (limits_action accept-tag).
+UNSCANNED_LIMITS = "Unscanned (limits)"
 
 
 #: Debian's clamd addresses, tried in order when the daemon runs on its embedded default.
@@ -129,6 +139,17 @@ def needs_for(options: AntiVirusOptions) -> Needs:
                  actions=frozenset(actions))
 
 
+def _limit_reply(exceeded: Exceeded) -> str:
+    """The part of the SMTP reply that tells the sender which limit, without internals."""
+    if exceeded.limit == "depth":
+        return "nested too deeply to scan for viruses"
+    if exceeded.limit == "parts":
+        return "too many MIME parts to scan for viruses"
+    if exceeded.limit == "size":
+        return "an archive member too large to scan for viruses"
+    return "a MIME header too long to scan for viruses"
+
+
 def _domain_of(hostname: str) -> str:
     labels = hostname.split(".")
     return ".".join(labels[1:]) if len(labels) > 2 else hostname
@@ -185,18 +206,38 @@ class AntiVirusBrain(Brain):
         if o.max_scan_size and size > o.max_scan_size:
             self._oversize(ctx, monkey, f"{size} bytes, above max_scan_size {o.max_scan_size}")
             return
+        # Before the engine: an engine stops at its own limits and may call the
+        # rest "clean" (clamd without AlertExceedsMax does).
+        structure = inspect(message.iter_bytes(CHUNK_SIZE), max_depth=o.max_mime_depth,
+                            max_parts=o.max_mime_parts, max_member_size=o.max_scan_size)
+        if structure.exceeded is not None and o.limits_action != "accept-tag":
+            self._limits(ctx, monkey, structure.exceeded.detail,
+                         _limit_reply(structure.exceeded))
+            return
         # A ScanError propagates: the core applies on_error (tempfail by default).
+        # With accept-tag the engine still looks, so a virus it can find is refused.
         result = self.engine.scan(message)
         if result.status is Status.TOO_LARGE:
             self._oversize(ctx, monkey, f"{result.engine} refused it as too large "
                                         f"({result.detail}); max_scan_size is above "
                                         "clamd's StreamMaxLength")
             return
-        if result.clean:
-            monkey.log(50, "clean (%s, %.1f ms)", result.engine, result.seconds * 1000)
-            self._tag(ctx, "Clean")
+        if result.infected:
+            self._infected(message, ctx, monkey, result)
             return
-        self._infected(message, ctx, monkey, result)
+        if result.limits:
+            names = [n.removeprefix(LIMITS_PREFIX).strip(".") for n in result.viruses]
+            which = f"{', '.join(n for n in names if n)} limit" if any(names) else "limits"
+            self._limits(ctx, monkey, f"{result.engine} stopped at its {which} "
+                                      f"({result.name})", f"past the virus scanner's {which}")
+            return
+        if structure.exceeded is not None:
+            self._limits(ctx, monkey, structure.exceeded.detail,
+                         _limit_reply(structure.exceeded))
+            return
+        monkey.log(50, "clean (%s, %.1f ms; depth %d, %d parts)", result.engine,
+                   result.seconds * 1000, structure.depth, structure.parts)
+        self._tag(ctx, "Clean")
 
     # --- outcomes -------------------------------------------------------------------------
 
@@ -219,6 +260,19 @@ class AntiVirusBrain(Brain):
         else:
             self._tag(ctx, "Unscanned (too large)")
             ctx.unchecked(f"not scanned: {why}")
+
+    def _limits(self, ctx: MilterContext, monkey: Monkey, why: str, reply: str) -> None:
+        """Mail the scan could not look at to the end: never "Clean"; limits_action decides."""
+        action = self.options.limits_action
+        monkey.log.warning("not scanned to the end: %s; limits_action %s", why, action)
+        if action == "reject":
+            ctx.reject(554, "5.7.0", f"Message refused: {reply}", reason=f"av: {why}")
+        elif action == "tempfail":
+            ctx.tempfail(451, "4.7.0", f"Message not scanned: {reply}, try later",
+                         reason=f"av: {why}")
+        else:
+            self._tag(ctx, UNSCANNED_LIMITS)
+            ctx.unchecked(f"not scanned to the end: {why}")
 
     def _infected(self, message: Message, ctx: MilterContext, monkey: Monkey,
                   result: ScanResult) -> None:

@@ -10,6 +10,9 @@ length as a 4-byte big-endian integer, and a zero-length chunk ends it.
 clamd answers one NUL-terminated line: ``stream: OK``, ``stream: NAME FOUND``,
 ``... ERROR``, or ``INSTREAM size limit exceeded. ERROR`` when the stream
 passed its ``StreamMaxLength`` (after which it stops reading and closes).
+With ``AlertExceedsMax yes`` a message clamd stopped looking into comes back
+as ``stream: Heuristics.Limits.Exceeded.MaxRecursion FOUND`` (or MaxFiles,
+MaxScanSize...): that is :attr:`Status.LIMITS`, not a virus and not clean.
 
 Connections: one fresh connection per scan.  A loopback connect costs tens
 of microseconds against milliseconds for the scan itself (see the README's
@@ -44,7 +47,7 @@ from miltermonkey_av.errors import (
     ScanError,
     ScanTimeout,
 )
-from miltermonkey_av.result import ScanResult, Status
+from miltermonkey_av.result import ScanResult, Status, classify_found
 
 #: clamd's default TCP port.
 DEFAULT_PORT = 3310
@@ -128,7 +131,8 @@ def parse_reply(text: str) -> tuple[Status, str]:
         return Status.CLEAN, ""
     m = _FOUND.match(text)
     if m:
-        return Status.INFECTED, m.group("name").strip()
+        name = m.group("name").strip()
+        return classify_found((name,))[0], name
     if text.endswith("ERROR"):
         raise EngineReportedError(f"clamd reported: {text}")
     raise EngineProtocolError(f"unexpected clamd reply: {text[:200]!r}")

@@ -10,16 +10,20 @@ Exit codes differ per tool and are the only reliable verdict, so they are
 configurable; the virus name is parsed from the output with a configurable
 regex.  Built-in presets, chosen by the tool's file name:
 
-=========  =====  ========  =========================================
+=========  =====  ========  ===================================================
 tool       clean  infected  default arguments
-=========  =====  ========  =========================================
-clamscan   0      1         ``--no-summary --stdout {file}``
+=========  =====  ========  ===================================================
+clamscan   0      1         ``--no-summary --stdout --alert-exceeds-max=yes {file}``
 clamdscan  0      1         ``--no-summary --stdout --stream {file}``
 uvscan     0      13        ``--secure --mime --noboot {file}``
-=========  =====  ========  =========================================
+=========  =====  ========  ===================================================
 
 Any other exit code is an engine error (clamscan's 2, uvscan's 2/6/8/15...),
-never "clean".  ``clamdscan`` streams the file (``--stream``) because clamd
+never "clean".  An "infected" answer whose only names are ClamAV's
+``Heuristics.Limits.Exceeded.*`` means the tool stopped before the end of the
+message: :attr:`~miltermonkey_av.result.Status.LIMITS`.  clamscan is told to
+say so (``--alert-exceeds-max=yes``); clamdscan says so when its clamd runs
+with ``AlertExceedsMax yes``.  ``clamdscan`` streams the file (``--stream``) because clamd
 runs as another user and cannot open a 0600 file itself.
 """
 
@@ -38,7 +42,7 @@ from pathlib import Path
 import attrs
 
 from miltermonkey_av.errors import EngineReportedError, EngineUnavailable, ScanTimeout
-from miltermonkey_av.result import ScanResult, Status
+from miltermonkey_av.result import ScanResult, Status, classify_found
 from miltermonkey_core import Message
 
 #: ``/path/file: Name FOUND`` (clamscan, clamdscan).
@@ -62,7 +66,8 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "clamscan": Preset(("--no-summary", "--stdout", FILE_PLACEHOLDER), (0,), (1,), CLAMAV_REGEX),
+    "clamscan": Preset(("--no-summary", "--stdout", "--alert-exceeds-max=yes", FILE_PLACEHOLDER),
+                       (0,), (1,), CLAMAV_REGEX),
     "clamdscan": Preset(("--no-summary", "--stdout", "--stream", FILE_PLACEHOLDER), (0,), (1,),
                         CLAMAV_REGEX),
     "uvscan": Preset(("--secure", "--mime", "--noboot", FILE_PLACEHOLDER), (0,), (13,),
@@ -195,10 +200,9 @@ class CommandScanner:
         code = proc.returncode
         seconds = time.monotonic() - t0
         if code in self.infected_codes:
-            names = tuple(dict.fromkeys(m.group("name").strip()
-                                        for m in self.regex.finditer(text)))
-            return ScanResult(Status.INFECTED, names, self.description, seconds,
-                              _tail(text))
+            status, names = classify_found(tuple(dict.fromkeys(
+                m.group("name").strip() for m in self.regex.finditer(text))))
+            return ScanResult(status, names, self.description, seconds, _tail(text))
         if code in self.clean_codes:
             return ScanResult(Status.CLEAN, (), self.description, seconds, _tail(text))
         raise EngineReportedError(f"{self.path} exited {code}: {_tail(text)}")

@@ -24,7 +24,8 @@ import attrs
 
 from miltermonkey_av.clamd import ClamdAddress
 from miltermonkey_av.command import check_template, preset_for
-from miltermonkey_core import Verdict
+from miltermonkey_av.mime_limits import DEFAULT_MAX_DEPTH, DEFAULT_MAX_PARTS
+from miltermonkey_core import Verdict, parse_size
 
 #: The seed's pattern plus the mass-mailer families that forge the sender
 #: (notifying that "sender" is backscatter to an innocent third party).
@@ -42,24 +43,20 @@ DEFAULT_MAX_SCAN_SIZE = 25 * 1024 * 1024
 ENGINES = ("auto", "clamd", "command")
 INFECTED_ACTIONS = ("reject", "notify", "discard", "quarantine")
 OVERSIZE_ACTIONS = ("accept-tag", "tempfail", "reject")
+LIMITS_ACTIONS = ("reject", "tempfail", "accept-tag")
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)(i?b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+def _count(value: Any) -> int:
+    """A limit counted in levels or parts: a whole number, at least 1 (a bool is refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected a whole number, got {value!r}")
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {value}")
+    return value
 
 
-def _size(value: Any) -> int:
-    """Bytes from ``26214400``, ``"25M"``, ``"50k"`` or ``"25MiB"`` (binary units, like clamd)."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a size, got {value!r}")
-    if isinstance(value, int):
-        n = value
-    elif isinstance(value, str) and (m := _SIZE.match(value)):
-        n = int(m.group(1)) * _UNITS[m.group(2).lower()]
-    else:
-        raise ValueError(f"expected a size in bytes (or 50k, 25M), got {value!r}")
-    if n < 0:
-        raise ValueError(f"a size cannot be negative: {value!r}")
-    return n
+def _limits_action(value: Any) -> Any:
+    """``accept`` is accepted for ``accept-tag``: both deliver the mail tagged Unscanned."""
+    return "accept-tag" if value == "accept" else value
 
 
 def _seconds(value: Any) -> float:
@@ -209,12 +206,33 @@ class AntiVirusOptions:
 
     # --- sizes ------------------------------------------------------------------------------
     #: Messages smaller than this are not scanned (seed default 50000; now 0).
-    minscansize: int = attrs.field(default=0, converter=_size)
+    #: A size: bytes, or "50k", "25M", "25MiB" (binary units, as clamd counts).
+    minscansize: int = attrs.field(default=0, converter=parse_size)
     #: Larger messages are not sent to the engine; oversize_action applies.
-    max_scan_size: int = attrs.field(default=DEFAULT_MAX_SCAN_SIZE, converter=_size)
+    #: A size, like minscansize; 0 sends every message, whatever its size.
+    #: Also the largest an archive member may say it unpacks to (limits_action
+    #: applies above it): clamd skips files over its MaxFileSize.
+    max_scan_size: int = attrs.field(default=DEFAULT_MAX_SCAN_SIZE, converter=parse_size)
     #: accept-tag | tempfail | reject, for mail above max_scan_size or clamd's limit.
     oversize_action: str = attrs.field(default="accept-tag",
                                        validator=_one_of(*OVERSIZE_ACTIONS))
+
+    # --- structure limits -------------------------------------------------------------------
+    #: What happens to mail the scan could not look at to the end: past max_mime_depth
+    #: or max_mime_parts, or reported by the engine as past its own limits
+    #: (clamd's Heuristics.Limits.Exceeded with AlertExceedsMax).  reject (554 5.7.0),
+    #: tempfail (451 4.7.0), or accept-tag (also written accept): delivered with
+    #: X-Virus-Status: Unscanned (limits), and the milter key does not claim av ran.
+    limits_action: str = attrs.field(default="reject", converter=_limits_action,
+                                     validator=_one_of(*LIMITS_ACTIONS))
+    #: Deepest nesting looked at before the engine: multipart parts, message/rfc822
+    #: and mail inside attachments, and archives inside those (zip, tar, gzip).
+    #: Below clamd's MaxRecursion (Debian: 16), so mail clamd would stop inside is
+    #: caught here first, whatever clamd is configured to say.
+    max_mime_depth: int = attrs.field(default=DEFAULT_MAX_DEPTH, converter=_count)
+    #: Most MIME parts, at all levels together, looked at before the engine.
+    #: Below clamd's MaxFiles (10000), for the same reason.
+    max_mime_parts: int = attrs.field(default=DEFAULT_MAX_PARTS, converter=_count)
 
     # --- notices ----------------------------------------------------------------------------
     #: Organisation named in notices (seed default "Membrain Technologies").

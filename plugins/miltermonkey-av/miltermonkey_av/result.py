@@ -6,6 +6,15 @@ import enum
 
 import attrs
 
+#: How ClamAV names content it stopped looking at (``AlertExceedsMax``):
+#: ``Heuristics.Limits.Exceeded.MaxRecursion``, ``.MaxFiles``, ``.MaxScanSize``...
+LIMITS_PREFIX = "Heuristics.Limits.Exceeded"
+
+
+def is_limits_name(name: str) -> bool:
+    """True for a "virus" name that only says the engine gave up before the end."""
+    return name.startswith(LIMITS_PREFIX)
+
 
 class Status(enum.Enum):
     CLEAN = "clean"
@@ -13,6 +22,22 @@ class Status(enum.Enum):
     #: The engine refused the message as too large (clamd's "INSTREAM size
     #: limit exceeded").  Not clean: the brain applies ``oversize_action``.
     TOO_LARGE = "too-large"
+    #: The engine stopped before the end of the message, at one of its limits
+    #: (``Heuristics.Limits.Exceeded.*``).  Not clean: ``limits_action`` applies.
+    LIMITS = "limits"
+
+
+def classify_found(names: tuple[str, ...]) -> tuple[Status, tuple[str, ...]]:
+    """The status of a scan that reported ``names``, and the names that matter.
+
+    A real detection wins over a limits alert (with clamd's AllMatchScan
+    both can come back); limits alerts alone mean "not looked at", never
+    "infected" and never "clean".
+    """
+    real = tuple(n for n in names if not is_limits_name(n))
+    if real or not names:
+        return Status.INFECTED, real
+    return Status.LIMITS, names
 
 
 @attrs.frozen
@@ -36,6 +61,10 @@ class ScanResult:
     @property
     def clean(self) -> bool:
         return self.status is Status.CLEAN
+
+    @property
+    def limits(self) -> bool:
+        return self.status is Status.LIMITS
 
     @property
     def name(self) -> str:

@@ -120,8 +120,8 @@ def test_brain_with_command_engine_relay_and_notify(tempdir_template: str) -> No
 
 def test_tempfile_is_exclusive_private_and_removed(tmp_path: Path,
                                                    tempdir_template: str) -> None:
-    # The fake scanner reports the file's mode and owner-only-ness, then "finds" nothing.
-    fake = script(tmp_path, "clamscan", 'stat -c "%a %n" "$3"; exit 0\n')
+    # The fake scanner reports the mode of the file (its last argument), then "finds" nothing.
+    fake = script(tmp_path, "clamscan", 'for f; do :; done; stat -c "%a %n" "$f"; exit 0\n')
     scanner = CommandScanner(fake, tempfile_template=tempdir_template)
     msg = message_from_bytes(av_samples.sample("clean-plain").raw, queue_id="Q../1\n")
     result = scanner.scan(msg)

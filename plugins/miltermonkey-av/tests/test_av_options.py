@@ -38,6 +38,7 @@ def test_defaults() -> None:
     assert o.minscansize == 0
     assert o.max_scan_size == 25 * 1024 * 1024
     assert o.oversize_action == "accept-tag"
+    assert (o.limits_action, o.max_mime_depth, o.max_mime_parts) == ("reject", 12, 5000)
     assert o.notify_sender is False and o.notify_recipients is True
     assert o.tempfile_template == "/var/tmp/av_%s"
     assert o.add_headers is True
@@ -66,6 +67,28 @@ def test_readable_aliases_and_units() -> None:
     assert (o.domainname, o.helpaddr) == ("example.org", "h@x.org")
 
 
+@pytest.mark.parametrize(("written", "size"), [
+    ("0", 0), ("26214400", 25 * 1024**2), ('"25MiB"', 25 * 1024**2), ('"25M"', 25 * 1024**2),
+    ('"25 MB"', 25 * 1024**2), ('"50k"', 50 * 1024), ('"50KiB"', 50 * 1024), ('"1G"', 1024**3),
+])
+def test_sizes_mean_what_they_mean_in_the_core(written: str, size: int) -> None:
+    from miltermonkey_core import parse_size
+
+    o = options(f"max_scan_size = {written}\nminscansize = 0\n")
+    assert o.max_scan_size == size == parse_size(written.strip('"') if '"' in written
+                                                 else int(written))
+    daemon = loads(f"[miltermonkey]\nmax_message_size = {written}\n", path="t.toml")
+    assert daemon.daemon.max_message_size == size  # the same words, the same bytes
+
+
+@pytest.mark.parametrize(("written", "canonical"), [
+    ('"reject"', "reject"), ('"tempfail"', "tempfail"), ('"accept-tag"', "accept-tag"),
+    ('"accept"', "accept-tag"),
+])
+def test_limits_action_spellings(written: str, canonical: str) -> None:
+    assert options(f"limits_action = {written}\n").limits_action == canonical
+
+
 def test_default_discard_pattern_covers_forging_families() -> None:
     import re
 
@@ -91,6 +114,12 @@ def test_default_discard_pattern_covers_forging_families() -> None:
     ('tempfile_template = "/var/%s/x"', "tempfile_template", "file name"),
     ('discard_pattern = "(unclosed"', "discard_pattern", "regular expression"),
     ('minscansize = "lots"', "minscansize", "size"),
+    ('max_scan_size = "1.5M"', "max_scan_size", "25MiB"),
+    ('max_scan_size = -1', "max_scan_size", "at least 0"),
+    ('limits_action = "drop"', "limits_action", "must be one of"),
+    ('max_mime_depth = 0', "max_mime_depth", "at least 1"),
+    ('max_mime_depth = true', "max_mime_depth", "whole number"),
+    ('max_mime_parts = "many"', "max_mime_parts", "whole number"),
     ('scan_timeout = 0', "scan_timeout", "positive"),
     ('engine = "command"', None, "needs scanner_path"),
     ('scanner_path = "/opt/kav/bin/kavscan"', None, "scanner_clean_codes"),
@@ -235,5 +264,5 @@ def test_entry_point_is_listed_with_options() -> None:
     [info] = [b for b in brain_info() if b.name == "av"]
     assert info.error is None
     assert info.hooks == ("eom_process",)
-    assert dict(info.options)["relay_mode"] == "True"
+    assert dict(info.options)["relay_mode"] == "true"
     assert dict(info.options)["scanner_path"] == "None"

@@ -39,6 +39,11 @@ class Clamd(ChildProcessPart):
     *db_files* adds to it or replaces its files, e.g.
     :func:`~miltermonkey_av.testing.samples.signature_files` for every
     sample.  It answers on TCP and on a UNIX socket, since milters use both.
+
+    Its limits are Debian's (``MaxRecursion 16``, ``MaxFiles 10000``) with
+    ``AlertExceedsMax yes``, the configuration the brain's README
+    recommends; ``alert_exceeds_max=False`` gives clamd as Debian ships it,
+    which answers ``OK`` for what it stopped looking into.
     """
 
     name = "clamd"
@@ -50,12 +55,14 @@ class Clamd(ChildProcessPart):
     db_files: dict[str, str]
 
     def __init__(
-        self, state_dir: Path | str, tcp_port: int, db_files: Mapping[str, str] | None = None
+        self, state_dir: Path | str, tcp_port: int, db_files: Mapping[str, str] | None = None,
+        *, alert_exceeds_max: bool = True,
     ) -> None:
         super().__init__(state_dir)
         self.tcp_port = tcp_port
         self.db_files = dict(EICAR_DATABASE)
         self.db_files.update(db_files or {})
+        self.alert_exceeds_max = alert_exceeds_max
 
     @property
     def tcp_address(self) -> tuple[str, int]:
@@ -108,9 +115,15 @@ class Clamd(ChildProcessPart):
             "SelfCheck": "0",
             "ConcurrentDatabaseReload": "no",
             "MaxThreads": "8",
+            # The limits, as the av brain's README recommends: with AlertExceedsMax
+            # what clamd stops looking into is Heuristics.Limits.Exceeded.*, never OK.
             "StreamMaxLength": "25M",
             "MaxFileSize": "25M",
             "MaxScanSize": "100M",
+            "MaxRecursion": "16",
+            "MaxFiles": "10000",
+            "MaxScanTime": "120000",
+            "AlertExceedsMax": "yes" if self.alert_exceeds_max else "no",
             "ReadTimeout": "60",
             "CommandReadTimeout": "10",
             "ExtendedDetectionInfo": "no",
