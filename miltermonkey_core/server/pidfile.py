@@ -50,12 +50,21 @@ def write_pidfile(path: str) -> None:
         else:
             if old != os.getpid():
                 raise MonkeyError(f"pid file {path}: MilterMonkey already runs as pid {old}")
+    # Written beside it and renamed over it: whoever reads the pid file sees
+    # either no file or the whole pid, never an empty one.
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.rename(tmp, path)
     except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise MonkeyError(f"cannot write pid file {path}: {e.strerror or e}") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()}\n")
 
 
 def remove_pidfile(path: str | None) -> None:
