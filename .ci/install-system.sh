@@ -39,7 +39,8 @@ apt-get install -y --no-install-recommends \
     libmilter-dev build-essential python3-dev python3-pip \
     postfix swaks \
     clamav clamav-daemon clamdscan clamav-milter \
-    spamassassin spamd spamc spamass-milter
+    spamassassin spamd spamc spamass-milter \
+    redis-server
 
 # spamassassin's postinst imports the sa-update keys and leaves a gpg-agent
 # running for that keyring.  Stop exactly that agent, addressed by its

@@ -73,6 +73,12 @@ def load_brain_class(use: str) -> type[Brain]:
     return obj
 
 
+def brain_version(use: str) -> str:
+    """The version of the distribution that provides brain ``use`` ("0" if unknown)."""
+    ep = installed_brains().get(use)
+    return str(ep.dist.version) if ep is not None and ep.dist is not None else "0"
+
+
 def hooks_of(cls: type) -> list[str]:
     """Hook names a brain class implements (methods carrying the hookimpl marker)."""
     out = []

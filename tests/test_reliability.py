@@ -322,7 +322,7 @@ def workdir(tmp_path: Path) -> Path:
 
 
 def test_hung_brain_gets_progress_then_its_policy_and_the_breaker_opens(workdir: Path) -> None:
-    brains = [{"use": "fault", "mode": "hang", "when_subject": "hang", "timeout": 1.5},
+    brains = [{"use": "fault", "fault": "hang", "when_subject": "hang", "timeout": 1.5},
               {"use": "stamp"}]
     with MonkeyProcess(workdir / "m", brains, {"progress_interval": 0.3, "threads": 2},
                        unix=True) as m:
@@ -346,8 +346,8 @@ def test_hung_brain_gets_progress_then_its_policy_and_the_breaker_opens(workdir:
 
 
 def test_eom_timeout_bounds_the_whole_chain(workdir: Path) -> None:
-    brains = [{"use": "fault", "mode": "hang", "hang_seconds": 1.2, "timeout": 30},
-              {"use": "fault", "name": "fault2", "mode": "hang", "hang_seconds": 1.2,
+    brains = [{"use": "fault", "fault": "hang", "hang_seconds": 1.2, "timeout": 30},
+              {"use": "fault", "name": "fault2", "fault": "hang", "hang_seconds": 1.2,
                "timeout": 30, "on_error": "tag"},
               {"use": "stamp"}]
     with MonkeyProcess(workdir / "m", brains, {"eom_timeout": 2, "progress_interval": 0.5},
@@ -481,7 +481,7 @@ def test_sighup_reload_under_load_drops_nothing_and_refuses_bad_configs(workdir:
 
 
 def test_sigterm_finishes_the_message_in_flight_then_cleans_up(workdir: Path) -> None:
-    brains = [{"use": "fault", "mode": "hang", "hang_seconds": 2, "timeout": 20},
+    brains = [{"use": "fault", "fault": "hang", "hang_seconds": 2, "timeout": 20},
               {"use": "stamp"}]
     m = MonkeyProcess(workdir / "m", brains, {"progress_interval": 0.5}, unix=True)
     m.start()
@@ -506,7 +506,7 @@ def test_sigterm_finishes_the_message_in_flight_then_cleans_up(workdir: Path) ->
 def test_shutdown_deadline_gives_a_hung_message_its_policy(workdir: Path) -> None:
     """A message still in progress at the stop deadline gets its brain's timeout
     policy just before it, so the MTA hears a defined answer, not a closed socket."""
-    brains = [{"use": "fault", "mode": "hang", "timeout": 60}, {"use": "stamp"}]
+    brains = [{"use": "fault", "fault": "hang", "timeout": 60}, {"use": "stamp"}]
     m = MonkeyProcess(workdir / "m", brains, {"progress_interval": 0.5, "shutdown_timeout": 3},
                       unix=True)
     start_with_overrides(m, {}, env={"MILTERMONKEY_NO_SUPERVISOR": "1"})

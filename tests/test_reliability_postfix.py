@@ -257,7 +257,7 @@ def test_brain_hanging_past_the_mta_timeout(relay: Relay, tmp_path: Path) -> Non
     """A brain hangs far longer than Postfix's milter_content_timeout (3 s): progress
     keeps Postfix waiting, the brain's own timeout (5 s) applies its policy, then
     the circuit breaker answers at once; fixed by a reload."""
-    brains = [{"use": "fault", "mode": "hang", "when_subject": "hang", "timeout": 5},
+    brains = [{"use": "fault", "fault": "hang", "when_subject": "hang", "timeout": 5},
               {"use": "stamp"}]
     old = relay.filter.param("milter_content_timeout")
     filter_log = len(relay.filter.maillog())

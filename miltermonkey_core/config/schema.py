@@ -26,6 +26,7 @@ from miltermonkey_core.config.values import (
     Coerce,
     boolean,
     byte_size,
+    cache_target,
     choice,
     duration,
     file_mode,
@@ -105,6 +106,15 @@ class DaemonConfig:
                                   "seconds the rest of a packet may take once it has started")
     max_connections: int = _opt(0, integer(0, 1_000_000),
                                 "MTA connections served at once (0: from the open-file limit)")
+    cache: str = _opt("memory", cache_target,
+                      "scan cache: memory (in-process), redis://host:port/db, or off")
+    cache_max_entries: int = _opt(10000, integer(1),
+                                  "entries the in-process scan cache keeps at most")
+    cache_max_bytes: int = _opt(32 * 1024 * 1024, byte_size,
+                                "bytes the in-process scan cache keeps at most")
+    cache_secret_file: str | None = _opt(None, optional(string()),
+                                         "secret signing shared cache entries (unset: the "
+                                         "milter key's miltersecretfile)")
     spool_threshold: int = _opt(1048576, byte_size, "bodies larger than this go to a temp file")
     tmpdir: str | None = _opt(None, optional(string()),
                               "directory for spooled bodies and temp files (unset: system)")

@@ -235,6 +235,19 @@ def host_port(value: Any) -> str:
     return text
 
 
+def cache_target(value: Any) -> str:
+    """``memory``, ``off``, or a redis-py URL (``redis://``, ``rediss://``, ``unix://``)."""
+    if not isinstance(value, str):
+        raise Invalid(f'expected "memory", "off" or "redis://host:port/db", got {show(value)}')
+    text = value.strip()
+    if text.lower() in ("memory", "off"):
+        return text.lower()
+    if text.startswith(("redis://", "rediss://", "unix://")):
+        return text
+    raise Invalid(f'expected "memory", "off" or a Redis URL like "redis://127.0.0.1:6379/0", '
+                  f"got {show(value)}")
+
+
 def did_you_mean(word: Any, candidates: Iterable[str]) -> str:
     if not isinstance(word, str):
         return ""

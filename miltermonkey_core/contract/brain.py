@@ -10,12 +10,13 @@ from many MTA sessions at once, so per-message data belongs in
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
 if TYPE_CHECKING:
+    from miltermonkey_core.contract.model import Message
     from miltermonkey_core.contract.monkey import Monkey
 
 #: Milter stages a brain can ask macros for (Postfix/Sendmail names).
@@ -92,11 +93,32 @@ class Brain:
     #: thread instead of handing it to the worker pool and back.  Its
     #: ``timeout`` cannot be enforced, so never set it on a brain that waits.
     blocking: ClassVar[bool] = True
+    #: True when ``eom_process`` neither reads nor depends on what brains before
+    #: it did to the message (it only looks at the message as received): the
+    #: daemon may then start it at the same time as its independent neighbours,
+    #: so their engine calls overlap.  Its results still apply in config order.
+    independent: ClassVar[bool] = False
+    #: Seconds a cached end-of-message result of this brain may be replayed
+    #: (0: never cached).  See :meth:`cache_key`; may be set per instance.
+    cache_ttl: float = 0.0
 
     def __init__(self, options: Any, monkey: Monkey, name: str | None = None) -> None:
         self.options = options
         self.monkey = monkey
         self.name = name or type(self).__name__
+
+    def cache_key(self, message: Message) -> Sequence[str | bytes] | None:
+        """What this brain's verdict on ``message`` depends on, for the scan cache.
+
+        Return every input the answer depends on: a digest of the content the
+        engine sees (``message.body.sha256()``, or of the headers and body it
+        reads), the options that change the answer, and the engine's own
+        version where it has one (clamd's signature database, say, so an
+        update makes every cached "clean" stale at once).  The daemon adds the
+        brain's name and version.  ``None`` means "do not cache this one".
+        Called only when :attr:`cache_ttl` is above 0; keep it cheap.
+        """
+        return None
 
     @classmethod
     def detect_local(cls) -> Mapping[str, Any] | None:

@@ -13,15 +13,23 @@ from miltermonkey_core.config.schema import BrainEntry, Config, effective_on_err
 from miltermonkey_core.contract.brain import Brain
 from miltermonkey_core.contract.monkey import Monkey
 from miltermonkey_core.engine.breaker import CircuitBreaker
+from miltermonkey_core.engine.cache import MemoryCache, ScanCache
 from miltermonkey_core.engine.chain import BrainSlot, Chain
 from miltermonkey_core.engine.conditions import compile_conditions
 from miltermonkey_core.engine.session import Engine, EngineSettings
-from miltermonkey_core.errors import BrainLoadError
+from miltermonkey_core.errors import BrainLoadError, SecretError
+from miltermonkey_core.milterkey.secrets import load_secrets
 from miltermonkey_core.milterkey.service import KeyService
-from miltermonkey_core.plugins import load_brain_class, new_plugin_manager, register
+from miltermonkey_core.plugins import (
+    brain_version,
+    load_brain_class,
+    new_plugin_manager,
+    register,
+)
 
 
-def _slot(entry: BrainEntry, brain: Brain, monkey: Monkey, on_error: str) -> BrainSlot:
+def _slot(entry: BrainEntry, brain: Brain, monkey: Monkey, on_error: str,
+          version: str = "0") -> BrainSlot:
     return BrainSlot(
         name=entry.name,
         use=entry.use,
@@ -36,6 +44,7 @@ def _slot(entry: BrainEntry, brain: Brain, monkey: Monkey, on_error: str) -> Bra
         breaker=CircuitBreaker(entry.breaker_failures, entry.breaker_window,
                                entry.breaker_cooldown),
         conditions=compile_conditions(entry.when),
+        version=version,
     )
 
 
@@ -61,7 +70,8 @@ def build_chain(config: Config, monkey: Monkey) -> Chain:
                 ) from e
             register(pm, brain, entry.name)
             slots.append(_slot(entry, brain, bmonkey,
-                               effective_on_error(entry, cls, config.daemon)))
+                               effective_on_error(entry, cls, config.daemon),
+                               brain_version(entry.use)))
     except BaseException:
         for s in slots:
             s.brain.close_brain()
@@ -69,15 +79,43 @@ def build_chain(config: Config, monkey: Monkey) -> Chain:
     return Chain(slots, pm)
 
 
-def build_engine(config: Config) -> Engine:
-    """The engine for ``config``: brains built, policies, timeouts and breakers set."""
+def build_engine(config: Config, cache: ScanCache | bool | None = True) -> Engine:
+    """The engine for ``config``: brains built, policies, timeouts and breakers set.
+
+    ``cache``: the scan cache to use (the daemon keeps one across reloads),
+    ``True`` for a new one as the configuration says, ``False``/None for none.
+    """
     d = config.daemon
     monkey = Monkey.from_config(d, config)
     key = KeyService.from_config(config) if d.milter_key else None
     chain = build_chain(config, monkey)
+    scan_cache = make_cache(config) if cache is True else cache or None
     return Engine(chain, monkey,
                   EngineSettings(spool_threshold=d.spool_threshold, tmpdir=d.tmpdir,
-                                 max_message_size=d.max_message_size), key=key)
+                                 max_message_size=d.max_message_size), key=key,
+                  cache=scan_cache)
+
+
+def make_cache(config: Config) -> ScanCache | None:
+    """The scan cache ``config`` asks for; a shared one needs a secret to sign entries."""
+    d = config.daemon
+    if d.cache == "off":
+        return None
+    if d.cache == "memory":
+        return MemoryCache(d.cache_max_entries, d.cache_max_bytes)
+    secret_file = d.cache_secret_file or (d.miltersecretfile if d.milter_key else None)
+    if secret_file is None:
+        raise config.error("a shared scan cache signs its entries: set cache_secret_file, "
+                           "or milter_key = true with miltersecretfile", key="cache")
+    try:
+        secrets = load_secrets(secret_file)
+    except SecretError as e:
+        raise config.error(f"cannot read the cache secret: {e}", key="cache") from None
+    secret = secrets.get(d.key_id or "", next(iter(secrets.values())))
+    # redis-py is only needed, and only imported, when a Redis cache is configured.
+    from miltermonkey_core.engine.cache_redis import RedisCache  # noqa: PLC0415 - optional dependency
+
+    return RedisCache(d.cache, secret)
 
 
 def chain_of(*brains: Brain) -> Chain:

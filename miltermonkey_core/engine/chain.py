@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -43,13 +41,11 @@ import pluggy
 from miltermonkey_core.config.schema import ON_ERROR_POLICIES
 from miltermonkey_core.contract import hookspecs
 from miltermonkey_core.contract.brain import Brain, Needs
-from miltermonkey_core.contract.context import MilterContext
 from miltermonkey_core.contract.model import Address, Connection, Header, Message
 from miltermonkey_core.contract.monkey import Monkey
 from miltermonkey_core.contract.verdict import Action, Reply, Verdict
 from miltermonkey_core.engine.breaker import CircuitBreaker
 from miltermonkey_core.engine.conditions import Conditions
-from miltermonkey_core.engine.guard import GuardedContext
 from miltermonkey_core.engine.hooks import BrainHooks, HookImpl
 from miltermonkey_core.logs import ROOT
 
@@ -124,6 +120,8 @@ class BrainSlot:
     hooks: BrainHooks | None = None
     #: The ``when`` conditions under which it is called (None: always).
     conditions: Conditions | None = None
+    #: The brain's distribution version, part of its scan cache keys.
+    version: str = "0"
 
     @property
     def timeout_policy(self) -> str:
@@ -307,150 +305,6 @@ class Chain:
             except Exception as e:
                 log.exception("%s: brain %s raised in %s: %s", qid, slot.name, hook, e)
 
-    # --- end of message ---------------------------------------------------------
-
-    def run_eom(
-        self,
-        message: Message,
-        ctx: MilterContext,
-        skipped: Mapping[str, str] | None = None,
-        invoke: Invoker | None = None,
-        deadline: float | None = None,
-    ) -> EomOutcome:
-        """Run ``eom_process`` brain by brain until one gives a final verdict.
-
-        ``invoke`` runs each brain call (default: directly); ``deadline`` is
-        the monotonic time by which the whole chain must be done: brains
-        left when it passed get their timeout policy without being called.
-        """
-        run = invoke or direct_invoke
-        skip = skipped or {}
-        results: list[BrainResult] = []
-        tagged: list[str] = []
-        qid = message.id
-        # The lock serialises a guarded brain's late writes against the
-        # chain's rollback; brains that run inline cannot write late.
-        lock: AbstractContextManager[Any] = threading.RLock() if self.blocking else _NO_LOCK
-        for slot in self.slots:
-            if slot.name in skip:
-                results.append(BrainResult(slot.name, "skipped", detail=skip[slot.name]))
-                continue
-            if not slot.implements("eom_process"):
-                continue
-            if slot.conditions is not None and (why := slot.conditions.failing(
-                    "eom", message.connection, message)) is not None:
-                log.debug("%s: brain %s not called: %s", qid, slot.name, why)
-                results.append(BrainResult(slot.name, "skipped", detail=why))
-                continue
-            t0 = time.perf_counter()
-            if deadline is not None and time.monotonic() >= deadline:
-                kind, why = "timeout", "no time left for it within eom_timeout"
-            elif not slot.breaker.allow():
-                kind = "open"
-                why = (f"circuit breaker open after {slot.breaker.failures} failures within "
-                       f"{slot.breaker.window:g} s; not called for {slot.breaker.cooldown:g} s")
-            else:
-                kind, why = self._call_eom(slot, message, ctx, lock, run, qid)
-                if kind == "ok":
-                    dt = time.perf_counter() - t0
-                    verdict = ctx.verdict if ctx.verdict and ctx.verdict.brain == slot.name \
-                        else None
-                    if slot.evaluation:
-                        undone = ctx.rollback()
-                        ctx.end()
-                        log.info("%s: brain %s (evaluation) would %s with %d edit(s)", qid,
-                                 slot.name, verdict.describe() if verdict else "continue",
-                                 len(undone))
-                        results.append(BrainResult(
-                            slot.name, "evaluation",
-                            verdict.action if verdict else Action.CONTINUE, dt))
-                        continue
-                    ctx.end()
-                    results.append(BrainResult(slot.name, "ran",
-                                               verdict.action if verdict else Action.CONTINUE,
-                                               dt))
-                    if verdict is not None and verdict.final:
-                        return EomOutcome(verdict, results, tagged)
-                    continue
-            dt = time.perf_counter() - t0
-            results.append(BrainResult(slot.name, kind, seconds=dt, detail=why))
-            if kind == "timeout":
-                policy = slot.timeout_policy
-            elif kind == "open":
-                policy = slot.timeout_policy if slot.breaker.last_kind == "timeout" \
-                    else slot.on_error
-            else:
-                policy = slot.on_error
-            if slot.evaluation:
-                log.warning("%s: brain %s (evaluation) %s: %s; ignored", qid, slot.name,
-                            "failed" if kind == "error" else kind, why)
-                continue
-            if kind == "timeout":
-                log.error("%s: brain %s timed out in eom_process (%s); policy %s", qid,
-                          slot.name, why, policy)
-            elif kind == "open":
-                log.warning("%s: brain %s skipped: %s; policy %s", qid, slot.name, why, policy)
-            verdict = policy_verdict(policy, slot.name, why)
-            if verdict is not None:
-                return EomOutcome(verdict, results, tagged)
-            if policy == "tag":
-                tagged.append(slot.name)
-        return EomOutcome(None, results, tagged)
-
-    def _call_eom(
-        self,
-        slot: BrainSlot,
-        message: Message,
-        ctx: MilterContext,
-        lock: AbstractContextManager[Any],
-        run: Invoker,
-        qid: str,
-    ) -> tuple[str, str]:
-        """One guarded ``eom_process`` call: ("ok", "") or (error|timeout, why)."""
-        ctx.begin(slot.name)
-        # A non-blocking brain runs on the caller's thread and cannot outlive
-        # the chain, so it needs no guard against writing after its deadline.
-        guard: GuardedContext | None = (
-            GuardedContext(ctx, slot.name, lock) if getattr(slot.brain, "blocking", True)
-            else None)
-        brain_ctx: Any = guard if guard is not None else ctx
-
-        def call() -> None:
-            slot.call.eom_process(message, brain_ctx)
-
-        breaker = slot.breaker
-        try:
-            run(slot, call, slot.timeout or 0.0)
-        except BrainTimeout as e:
-            with lock:
-                if guard is not None:
-                    guard.revoke()
-                ctx.rollback()
-                ctx.end()
-            if e.counts:
-                if breaker.failure("timeout"):
-                    _log_opened(slot, qid)
-            else:
-                breaker.abort_probe()
-            return "timeout", e.why
-        except Exception as e:
-            with lock:
-                if guard is not None:
-                    guard.revoke()
-                ctx.rollback()
-                ctx.end()
-            if not slot.evaluation:
-                log.exception("%s: brain %s failed in eom_process: %s: %s; policy %s",
-                              qid, slot.name, type(e).__name__, e, slot.on_error)
-            if breaker.failure("error"):
-                _log_opened(slot, qid)
-            return "error", f"{type(e).__name__}: {e}"
-        if guard is not None:
-            guard.revoke()
-        if breaker.success():
-            log.warning("%s: brain %s answered again: circuit breaker closed", qid, slot.name)
-        return "ok", ""
-
     def close(self) -> None:
         """Release every brain's resources (shutdown, or the last session of a reload)."""
         if self.closed:
@@ -463,7 +317,7 @@ class Chain:
                 log.exception("brain %s failed to close", slot.name)
 
 
-def _log_opened(slot: BrainSlot, qid: str) -> None:
+def log_opened(slot: BrainSlot, qid: str) -> None:
     b = slot.breaker
     log.error("%s: brain %s: circuit breaker OPEN (%d failures within %g s, last a %s): "
               "for %g s its policy applies at once without calling it", qid, slot.name,

@@ -20,7 +20,9 @@ from miltermonkey_core.contract.edits import Capability
 from miltermonkey_core.contract.model import Address, Body, Connection, Header, Headers, Message
 from miltermonkey_core.contract.monkey import Monkey
 from miltermonkey_core.contract.verdict import Action, Verdict
+from miltermonkey_core.engine.cache import ScanCache
 from miltermonkey_core.engine.chain import UNCHECKED_HEADER, BrainResult, Chain, Invoker
+from miltermonkey_core.engine.eom import EomRun
 from miltermonkey_core.logs import ROOT, queue_id
 from miltermonkey_core.milterkey.service import KeyInspection, KeyService
 
@@ -61,11 +63,15 @@ class Engine:
         monkey: Monkey,
         settings: EngineSettings | None = None,
         key: KeyService | None = None,
+        cache: ScanCache | None = None,
     ) -> None:
         self.chain = chain
         self.monkey = monkey
         self.settings = settings or EngineSettings()
         self.key = key
+        #: Where cacheable brains' results are kept (None: no scan cache).  Its
+        #: owner (the daemon, across reloads) closes it, not the engine.
+        self.cache = cache
         monkey.key = key
         for slot in chain.slots:
             slot.monkey.key = key
@@ -250,7 +256,8 @@ class Session:
                 log.info("%s: trusted milter key: skipping %s", msg.id, ", ".join(sorted(spared)))
             for name in spared:
                 skips.setdefault(name, "key")
-        outcome = self.engine.chain.run_eom(msg, ctx, skips, invoke=invoke, deadline=deadline)
+        outcome = EomRun(self.engine.chain, msg, ctx, skips, invoke, deadline,
+                         self.engine.cache).run()
         if outcome.tagged and outcome.verdict is None:
             ctx.begin("core")
             ctx.add_header(UNCHECKED_HEADER, ", ".join(outcome.tagged))

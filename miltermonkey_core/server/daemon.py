@@ -31,7 +31,8 @@ import attrs
 from miltermonkey_core.config.endpoint import Endpoint
 from miltermonkey_core.config.endpoint import parse_connection as parse_endpoint
 from miltermonkey_core.config.schema import Config, DaemonConfig
-from miltermonkey_core.engine.build import build_engine
+from miltermonkey_core.engine.build import build_engine, make_cache
+from miltermonkey_core.engine.cache import ScanCache
 from miltermonkey_core.engine.session import Decision, Engine, Session
 from miltermonkey_core.errors import MonkeyError
 from miltermonkey_core.logs import ROOT, setup_logging
@@ -82,6 +83,12 @@ def preload(config: Config) -> None:
         load_brain_class(entry.use)
 
 
+def _cache_options(config: Config) -> tuple[object, ...]:
+    d = config.daemon
+    return (d.cache, d.cache_max_entries, d.cache_max_bytes, d.cache_secret_file,
+            d.miltersecretfile if d.milter_key else None, d.key_id)
+
+
 def restart_only_changes(old: DaemonConfig, new: DaemonConfig) -> list[str]:
     return [k for k in RESTART_ONLY if getattr(old, k, None) != getattr(new, k, None)]
 
@@ -111,6 +118,9 @@ class Daemon:
         self.write_pid = write_pid
         self.stop_deadline: float | None = None
         self._generation: Generation | None = None
+        #: The scan cache, shared by every generation (a reload keeps its entries).
+        self.cache: ScanCache | None = None
+        self.cache_config: tuple[object, ...] | None = None
         self._stop = threading.Event()
         self._reload_lock = threading.Lock()
 
@@ -154,7 +164,11 @@ class Daemon:
     # --- configuration generations ------------------------------------------------------
 
     def build_generation(self, config: Config) -> Generation:
-        return new_generation(config, build_engine(config), self.use_noreply)
+        """Build ``config``; the scan cache carries over unless its options changed."""
+        if self.cache_config != _cache_options(config):
+            self.cache = make_cache(config)
+            self.cache_config = _cache_options(config)
+        return new_generation(config, build_engine(config, cache=self.cache), self.use_noreply)
 
     def activate(self, gen: Generation) -> None:
         old, self._generation = self._generation, gen
@@ -230,7 +244,7 @@ class Daemon:
                 # Build once as root and throw it away: whatever building the
                 # brains imports lazily (codecs, brain modules) is loaded while
                 # every file is still readable.
-                build_engine(self.config).close()
+                build_engine(self.config, cache=None).close()
             drop_privileges(d.user, d.group)
             if d.user and (warning := check_writable(d.tmpdir, "tmpdir")):
                 log.warning("%s", warning)
@@ -270,6 +284,8 @@ class Daemon:
             abandoned = self._drain()
             self.listener.close_all()
             self.pool.shutdown(0.5)
+            if self.cache is not None:
+                self.cache.close()
             if self.write_pid:
                 remove_pidfile(d.pidfile)
             log.info("%s stopped%s", d.miltername,

@@ -149,6 +149,18 @@ class WorkerPool:
                         "replacements until some return", stuck)
         return True
 
+    def detach(self, job: Job) -> None:
+        """Nobody needs ``job``'s result any more: drop it if not started, else let it end.
+
+        Unlike :meth:`abandon`, a running job is not written off as stuck: it
+        is a healthy brain whose answer came too late to matter (an earlier
+        brain already refused the message).
+        """
+        with job.lock:
+            if job.state == QUEUED:
+                job.state = CANCELLED
+                job.fn = _nothing
+
     def shutdown(self, timeout: float = 5.0) -> None:
         with self._lock:
             self.running = False

@@ -13,13 +13,13 @@ import attrs
 
 from miltermonkey_core import Brain, Capability, Message, MilterContext, Monkey, Needs, Verdict
 from miltermonkey_core.contract.hookspecs import hookimpl
-from miltermonkey_core.contract.model import Header
+from miltermonkey_core import Header
 
 
 @attrs.frozen(kw_only=True)
 class FaultOptions:
     #: "raise" or "hang"
-    mode: str = attrs.field(default="raise", validator=attrs.validators.in_(("raise", "hang")))
+    fault: str = attrs.field(default="raise", validator=attrs.validators.in_(("raise", "hang")))
     #: Fail only when the Subject contains this (empty: always).
     when_subject: str = ""
     hang_seconds: float = 3600.0
@@ -39,7 +39,7 @@ class FaultBrain(Brain):
             ctx.add_header("X-Fault", "passed")
             return
         ctx.add_header("X-Fault", "half-done")  # must be rolled back
-        if self.options.mode == "hang":
+        if self.options.fault == "hang":
             time.sleep(self.options.hang_seconds)
             return
         raise RuntimeError("fault brain failing on purpose")
