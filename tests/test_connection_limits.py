@@ -15,12 +15,16 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 import pytest
 from test_protocol_state import log_line, peer
 from test_reliability_support import RawMilter, alive_and_serving, connect_packet
 
+from miltermonkey_core.config.endpoint import parse_connection
+from miltermonkey_core.milter.connection import MilterConnection, Timeouts
 from miltermonkey_core.milter.protocol import MilterProtocolError
+from miltermonkey_core.server.listener import Listener, _waiting_bytes
 from miltermonkey_core.testing.client import MilterClient
 from miltermonkey_core.testing.daemon import MonkeyProcess
 
@@ -196,3 +200,30 @@ def test_connections_that_never_negotiate_lose_the_oldest_to_newcomers(
     finally:
         for s in idle:
             s.close()
+
+
+def test_eviction_passes_over_a_connection_whose_optneg_is_waiting() -> None:
+    """An MTA's thread may not have run yet when the flood evicts: its OPTNEG is in the
+    socket, a stalled client's is not.  Unit test of the choice, over real socket pairs."""
+    listener = Listener(parse_connection("inet:8890@127.0.0.1"), cast(Any, None), Timeouts(),
+                        max_connections=80)
+    pairs = [socket.socketpair() for _ in range(3)]
+    try:
+        conns = [MilterConnection(ours, f"peer{i}", cast(Any, None), Timeouts(), tcp=False)
+                 for i, (ours, _) in enumerate(pairs)]
+        for conn in conns:
+            listener._unnegotiated[conn] = None
+        optneg = struct.pack("!I", 13) + b"O" + struct.pack("!III", 6, 0x1FF, 0x1FFFFF)
+        pairs[0][1].sendall(optneg)  # the oldest is an MTA about to negotiate
+        pairs[1][1].sendall(b"\0\0\0")  # the next stopped inside a length prefix
+        assert _waiting_bytes(pairs[0][0]) == len(optneg)
+        assert listener._stalled() is conns[1]
+        assert _waiting_bytes(pairs[0][0]) == len(optneg)  # looking consumed nothing
+        pairs[1][1].sendall(optneg[3:])  # now both wait with an OPTNEG: the oldest idle one
+        assert listener._stalled() is conns[2]
+        pairs[2][1].sendall(optneg)  # all of them: the oldest after all
+        assert listener._stalled() is conns[0]
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()

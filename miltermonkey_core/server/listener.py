@@ -13,7 +13,9 @@ of them together can hold:
   within milliseconds of connecting, so when too many connections sit
   before negotiation (idle sockets, a length prefix and nothing more), the
   oldest is closed to make room: a flood of stalled clients cannot lock
-  the MTAs out even below the connection cap;
+  the MTAs out even below the connection cap.  A connection whose whole
+  OPTNEG is already waiting to be read is an MTA whose thread has not run
+  yet, not a stalled client: it is passed over;
 * **running out of file descriptors** is logged (rate-limited), never silent:
   a reserved descriptor is given up to accept and close the waiting
   connection, so the listener neither spins nor starves.
@@ -24,11 +26,15 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import fcntl
+import itertools
 import logging
 import os
 import queue
 import resource
 import socket
+import struct
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -56,6 +62,10 @@ MAX_AUTO_CONNECTIONS = 4096
 #: Connection threads kept waiting for the next connection when theirs ends:
 #: starting a thread costs more than a whole message on the trivial brain.
 MAX_IDLE_THREADS = 64
+#: Length prefix, command byte and the three words of an MTA's OPTNEG.
+OPTNEG_BYTES = 4 + 1 + 12
+#: Unnegotiated connections looked at, oldest first, for one to close.
+EVICTION_SCAN = 16
 
 
 def raise_open_file_limit() -> int:
@@ -247,7 +257,8 @@ class Listener:
             over = len(self._conns) >= self.max_connections
             evict = None
             if not over and len(self._unnegotiated) >= self.max_unnegotiated:
-                evict, _ = self._unnegotiated.popitem(last=False)
+                evict = self._stalled()
+                del self._unnegotiated[evict]
         if over:
             self.stats.refused_over_cap += 1
             self._warn(logging.WARNING, "connection from %s refused: %d connections open, the "
@@ -280,6 +291,13 @@ class Listener:
             self._forget(conn)
             conn.close()
             self._warn(logging.ERROR, "cannot start a thread for %s: %s", peer, e)
+
+    def _stalled(self) -> MilterConnection:
+        """The oldest unnegotiated connection with no OPTNEG waiting (under the lock)."""
+        for conn in itertools.islice(self._unnegotiated, EVICTION_SCAN):
+            if _waiting_bytes(conn.sock) < OPTNEG_BYTES:
+                return conn
+        return next(iter(self._unnegotiated))
 
     def _handle(self, first: MilterConnection) -> None:
         """Serve connections one after the other, waiting idle between them."""
@@ -334,6 +352,15 @@ class Listener:
         for conn in doomed:
             conn.abort_connection()
         return len(doomed)
+
+
+def _waiting_bytes(sock: socket.socket) -> int:
+    """Bytes received and not read yet (FIONREAD: never blocks, never consumes)."""
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return 0
+    return int(struct.unpack("i", raw)[0])
 
 
 def _peer(address: object) -> str:
