@@ -164,8 +164,15 @@ class Bench:
         self.build_sets()
         order = [c for c in ALL_CONTENDERS if c in a.contenders]
         running: dict[str, Running] = {}
+        here = {m.name for m in self.mtas}
+        for key in order:
+            c = REGISTRY[key]
+            if c.kind != "engine" and not here.intersection(c.mtas):
+                self._skip(key, f"measured only through {', '.join(c.mtas)}, not in --mta")
         try:
             for key in order:
+                if key in self.skipped:
+                    continue
                 if REGISTRY[key].kind == "milter":
                     log(f"== {REGISTRY[key].label_for(self.mtas[0].title)}: start and check")
                     run = self.start_checked(key, running)
