@@ -101,14 +101,17 @@ def types(session: nox.Session) -> None:
     # What `miltermonkey new-brain` writes is held to the same standard (and to ruff).
     import pathlib
     import shutil
+    import tempfile
 
-    scaffold = pathlib.Path(session.create_tmp()) / "new-brain"
-    shutil.rmtree(scaffold, ignore_errors=True)
-    session.run("miltermonkey", "new-brain", "hello", "--directory", str(scaffold))
-    session.run("mypy", "--strict", str(scaffold / "hello" / "miltermonkey_hello"),
-                str(scaffold / "hello" / "tests"))
     session.install("ruff>=0.5")
-    session.run("ruff", "check", str(scaffold / "hello"))
+    scaffold = pathlib.Path(tempfile.mkdtemp(prefix="mm-new-brain-"))  # ruff skips .nox/
+    try:
+        session.run("miltermonkey", "new-brain", "hello", "--directory", str(scaffold))
+        session.run("mypy", "--strict", str(scaffold / "hello" / "miltermonkey_hello"),
+                    str(scaffold / "hello" / "tests"))
+        session.run("ruff", "check", str(scaffold / "hello"))
+    finally:
+        shutil.rmtree(scaffold)
 
 
 @nox.session

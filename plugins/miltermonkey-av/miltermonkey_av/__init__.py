@@ -6,6 +6,6 @@ with a ``[[brain]]`` table whose ``use = "av"`` (see the README).
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["__version__"]

@@ -18,7 +18,7 @@ from miltermonkey_spam.spamc import (
     SpamResult,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "SpamBrain",
