@@ -120,13 +120,6 @@ class MilterConnection:
         #: The current session saw its CONNECT.
         self.connected = False
         self.closed = False
-        self._handlers: dict[str, Callable[[bytes], bytes | None]] = {
-            p.SMFIC_MACRO: self._macro, p.SMFIC_CONNECT: self._connect,
-            p.SMFIC_HELO: self._helo, p.SMFIC_MAIL: self._mail, p.SMFIC_RCPT: self._rcpt,
-            p.SMFIC_DATA: self._data, p.SMFIC_HEADER: self._header, p.SMFIC_EOH: self._eoh,
-            p.SMFIC_BODY: self._body, p.SMFIC_BODYEOB: self._eom, p.SMFIC_ABORT: self._abort,
-            p.SMFIC_UNKNOWN: self._unknown, p.SMFIC_QUIT_NC: self._quit_nc,
-        }
 
     @property
     def qid(self) -> str:
@@ -165,7 +158,7 @@ class MilterConnection:
         if cmd != p.SMFIC_OPTNEG:
             raise ProtocolViolation(f"the first command must be OPTNEG, got {cmd!r}")
         self._send(self._optneg(data))
-        handlers = self._handlers
+        handlers = _HANDLERS
         while True:
             cmd_data = read(t.idle, t.partial)
             if cmd_data is None:
@@ -181,7 +174,7 @@ class MilterConnection:
                 if cmd == p.SMFIC_OPTNEG:
                     raise ProtocolViolation("a second OPTNEG inside a session")
                 raise ProtocolViolation(f"unknown command {cmd!r}")
-            answer = handler(data)
+            answer = handler(self, data)
             if answer is not None:
                 self._send(answer)
 
@@ -341,7 +334,7 @@ class MilterConnection:
         if not data:
             raise ProtocolViolation("empty macro packet")
         stage = chr(data[0])
-        if stage not in self._handlers:
+        if stage not in _HANDLERS:
             # bounds what a peer can park here to one packet per command
             log.warning("%s: macros for an unknown stage %r from %s; ignored", self.qid, stage,
                         self.peer)
@@ -586,6 +579,18 @@ class MilterConnection:
         if decision.ctx.after_accept_jobs:
             _after_accept(decision, qid)
         return packets
+
+
+#: The method that answers each command (one table for every connection).
+_HANDLERS: dict[str, Callable[[MilterConnection, bytes], bytes | None]] = {
+    p.SMFIC_MACRO: MilterConnection._macro, p.SMFIC_CONNECT: MilterConnection._connect,
+    p.SMFIC_HELO: MilterConnection._helo, p.SMFIC_MAIL: MilterConnection._mail,
+    p.SMFIC_RCPT: MilterConnection._rcpt, p.SMFIC_DATA: MilterConnection._data,
+    p.SMFIC_HEADER: MilterConnection._header, p.SMFIC_EOH: MilterConnection._eoh,
+    p.SMFIC_BODY: MilterConnection._body, p.SMFIC_BODYEOB: MilterConnection._eom,
+    p.SMFIC_ABORT: MilterConnection._abort, p.SMFIC_UNKNOWN: MilterConnection._unknown,
+    p.SMFIC_QUIT_NC: MilterConnection._quit_nc,
+}
 
 
 def _after_accept(decision: Decision, qid: str) -> None:

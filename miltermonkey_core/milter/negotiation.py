@@ -30,11 +30,15 @@ CAPABILITY_FLAGS: Final[Mapping[str, int]] = {
     Capability.CHANGE_FROM: p.SMFIF_CHGFROM,
 }
 
-#: Macros the core reads at each stage (plus whatever brains declare).  The
-#: queue id ``i`` is asked for at every stage of a message: Sendmail sends it
-#: only with MAIL by default, and MAIL is not sent when no brain needs it.
+#: Macros the core reads at each stage when something reads that stage's data:
+#: the connection's when a brain reads the connection (or hooks connect/helo),
+#: the envelope's when the envelope is negotiated.  The queue id ``i`` is asked
+#: for at every stage of a message: Sendmail sends it only with MAIL by
+#: default, and MAIL is not sent when no brain needs it.  ``v`` (the MTA's
+#: name and version) is always asked for at connect: it tells the daemon
+#: whether the MTA writes a macro packet and its command in one segment.
 CORE_MACROS: Final[Mapping[str, tuple[str, ...]]] = {
-    "connect": ("j", "_", "{daemon_name}", "{daemon_addr}", "{daemon_port}",
+    "connect": ("v", "j", "_", "{daemon_name}", "{daemon_addr}", "{daemon_port}",
                 "{client_addr}", "{client_name}", "{if_addr}"),
     "helo": ("{tls_version}", "{cipher}"),
     "envfrom": ("i", "{auth_type}", "{auth_authen}", "{mail_addr}"),
@@ -42,6 +46,13 @@ CORE_MACROS: Final[Mapping[str, tuple[str, ...]]] = {
     "data": ("i",),
     "eoh": ("i",),
     "eom": ("i", "{msg_id}"),
+}
+#: What is asked for when nothing reads a stage's data: just enough for the log
+#: line (the queue id) and the MTA's name.  A stage asked for nothing would get
+#: the MTA's whole default list instead.
+_MINIMAL_MACROS: Final[Mapping[str, tuple[str, ...]]] = {
+    "connect": ("v",), "helo": ("v",), "envfrom": ("i",), "envrcpt": ("i",), "data": ("i",),
+    "eoh": ("i",), "eom": ("i",),
 }
 
 #: The SMFIM_* number of each stage, for the macro lists sent in the OPTNEG reply.
@@ -85,8 +96,12 @@ class Plan:
         actions = 0
         for cap in needs.actions:
             actions |= CAPABILITY_FLAGS[cap]
+        full = {"connect": self.connect, "helo": self.connect or self.hooks["helo"],
+                "envfrom": self.envelope, "envrcpt": self.envelope, "data": True, "eoh": True,
+                "eom": True}
         self.macros: dict[str, tuple[str, ...]] = {
-            stage: tuple(dict.fromkeys((*names, *needs.macros.get(stage, ()))))
+            stage: tuple(dict.fromkeys((*(names if full[stage] else _MINIMAL_MACROS[stage]),
+                                        *needs.macros.get(stage, ()))))
             for stage, names in CORE_MACROS.items()
         }
         self.actions = actions | p.SMFIF_SETSYMLIST

@@ -514,6 +514,10 @@ class PacketReader:
         self._quickack = quickack and hasattr(socket, "TCP_QUICKACK")
         self.max_data = max_data
 
+    def no_quickack(self) -> None:
+        """The MTA writes each command with its macros in one segment: ACK as Linux likes."""
+        self._quickack = False
+
     @property
     def pending(self) -> bool:
         """Bytes of an unfinished packet are buffered."""
