@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import os
 import re
 import stat
 from collections.abc import Sequence
@@ -36,6 +35,7 @@ from miltermonkey_core.milterkey import (
     check_secret_file,
     generate_secret_file,
     load_secrets,
+    mime_digest,
     normalize_message_id,
 )
 from miltermonkey_core.testing import cleanup
@@ -73,7 +73,7 @@ def key_for(svc: KeyService, raw: bytes = RAW, ran: Sequence[tuple[str, str]] = 
     m = msg(raw)
     mid = normalize_message_id(m.headers)
     assert mid is not None
-    return svc.format(svc.sign(ran, mid, m.body.sha256(), **kw))
+    return svc.format(svc.sign(ran, mid, m.body.sha256(), mime_digest(m.headers), **kw))
 
 
 def inspect(svc: KeyService, raw: bytes, value: str, name: str = "X-Milter-Key") -> KeyInspection:
@@ -122,24 +122,27 @@ def test_format_matches_the_documented_shape() -> None:
     value = key_for(service())
     flat = re.sub(r"\s+", " ", value)
     assert re.fullmatch(
-        r"v=1; id=k1; host=mx1\.example\.org; exp=\d+; bind=body; mid=[\w-]{8}; "
-        r"body=[\w-]{8}; ran=av:continue,spam:continue; mac=[\w-]{43}", flat), flat
+        r"v=2; id=k1; host=mx1\.example\.org; exp=\d+; bind=body; mid=[\w-]{8}; "
+        r"body=[\w-]{8}; mime=[\w-]{8}; ran=av:continue,spam:continue; mac=[\w-]{43}",
+        flat), flat
 
 
 def test_canonical_encoding_is_length_prefixed() -> None:
     """Moving a character from one field to the next changes the signed bytes."""
-    a = KeyFields("k1", "ab.example", 5, "none", "AAAAAAAA", None, (("x", "continue"),))
+    a = KeyFields("k1", "ab.example", 5, "none", "AAAAAAAA", None, None,
+                  (("x", "continue"),))
     b = attrs.evolve(a, key_id="k1a", host="b.example")
-    assert a.signed_bytes("<m>", None) != b.signed_bytes("<m>", None)
+    assert a.signed_bytes("<m>", None, None) != b.signed_bytes("<m>", None, None)
     c = attrs.evolve(a, ran=(("x", "continue"), ("y", "accept")))
     d = attrs.evolve(a, ran=(("y", "accept"), ("x", "continue")))
-    assert c.signed_bytes("<m>", None) != d.signed_bytes("<m>", None)
+    assert c.signed_bytes("<m>", None, None) != d.signed_bytes("<m>", None, None)
 
 
 # --- what is not trusted -------------------------------------------------------------------
 
 FIELD_EDITS = [
-    ("v", "2", Reason.MALFORMED),
+    ("v", "3", Reason.MALFORMED),
+    ("v", "1", Reason.OBSOLETE),
     ("id", "k2", Reason.UNKNOWN_KEY),
     ("host", "mx2.example.org", Reason.BAD_MAC),
     ("exp", str(NOW + 432001), Reason.BAD_MAC),
@@ -147,6 +150,7 @@ FIELD_EDITS = [
     ("bind", "none", Reason.MALFORMED),
     ("mid", "AAAAAAAA", Reason.WRONG_MESSAGE),
     ("body", "AAAAAAAA", Reason.WRONG_BODY),
+    ("mime", "AAAAAAAA", Reason.WRONG_HEADERS),
     ("ran", "av:continue", Reason.BAD_MAC),
     ("ran", "av:continue,spam:continue,extra:continue", Reason.BAD_MAC),
     ("ran", "spam:continue,av:continue", Reason.BAD_MAC),
@@ -170,7 +174,8 @@ def test_each_tampered_field_is_refused(tag: str, new: str, reason: str) -> None
 
 def test_bind_none_with_the_body_field_removed_is_refused() -> None:
     svc = service()
-    parts = [p for p in re.split(r"\s*;\s*", key_for(svc)) if not p.startswith("body=")]
+    parts = [p for p in re.split(r"\s*;\s*", key_for(svc))
+             if not p.startswith(("body=", "mime="))]
     tampered = "; ".join(p.replace("bind=body", "bind=none") for p in parts)
     for verifier in (svc, service(binding="none")):
         got = reason_of(verifier, RAW, tampered)
@@ -277,7 +282,7 @@ def test_folded_message_id_binds_like_the_unfolded_one() -> None:
 
 def test_malformed_values_are_refused() -> None:
     svc = service()
-    for bad in ("", "garbage", "v=1", "v=1; id=k1", "x" * 9000, "v=1;" * 20):
+    for bad in ("", "garbage", "v=2", "v=2; id=k1", "x" * 9000, "v=2;" * 20):
         got = reason_of(svc, RAW, bad)
         assert got is not None and got.startswith(Reason.MALFORMED), (bad[:30], got)
 
@@ -353,158 +358,11 @@ def test_from_config_reads_every_setting(tmp_path: Path) -> None:
         ("none", 7, 1000, "h.example")
 
 
-# --- the secret file ---------------------------------------------------------------------
-
-
-def _write(path: Path, text: str, mode: int = 0o600) -> Path:
-    path.write_text(text)
-    path.chmod(mode)
-    return path
-
-
-def _b64(n: int) -> str:
-    return base64.b64encode(os.urandom(n)).decode()
-
-
-def test_secret_file_missing(tmp_path: Path) -> None:
-    p = tmp_path / "nope"
-    with pytest.raises(SecretError, match=f"does not exist.*key generate --file {p}"):
-        check_secret_file(p)
-
-
-def test_secret_file_empty(tmp_path: Path) -> None:
-    p = _write(tmp_path / "s", "# only a comment\n\n")
-    with pytest.raises(SecretError, match=f"holds no secret.*key generate --file {p}"):
-        check_secret_file(p)
-
-
-def test_secret_file_short_secret(tmp_path: Path) -> None:
-    p = _write(tmp_path / "s", f"k1:{_b64(16)}\n")
-    with pytest.raises(SecretError, match=r"16 bytes; at least 32.*key generate"):
-        check_secret_file(p)
-
-
-def test_secret_file_world_readable_is_refused_with_the_fix(tmp_path: Path) -> None:
-    p = _write(tmp_path / "s", f"k1:{_b64(32)}\n", 0o644)
-    with pytest.raises(SecretError, match=f"mode 0644.*chmod 600 {p}"):
-        check_secret_file(p)
-    for mode in (0o640, 0o604, 0o620, 0o602):
-        p.chmod(mode)
-        with pytest.raises(SecretError, match="chmod 600"):
-            check_secret_file(p)
-    p.chmod(0o600)
-    check_secret_file(p)
-    p.chmod(0o400)
-    check_secret_file(p)
-
-
-def test_secret_file_not_regular(tmp_path: Path) -> None:
-    d = tmp_path / "dir"
-    d.mkdir(mode=0o700)
-    with pytest.raises(SecretError, match="not a regular file"):
-        check_secret_file(d)
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo, 0o600)
-    with pytest.raises(SecretError, match="not a regular file"):
-        check_secret_file(fifo)
-
-
-def test_secret_file_unparsable(tmp_path: Path) -> None:
-    for text, match in ((f"{_b64(32)}\n", "expected KEYID:BASE64SECRET"),
-                        ("k1:not base64!!\n", "not base64"),
-                        (f"k 1:{_b64(32)}\n", "expected KEYID"),
-                        (f"k1:{_b64(32)}\nk1:{_b64(32)}\n", "appears twice")):
-        p = _write(tmp_path / "s", text)
-        with pytest.raises(SecretError, match=match):
-            check_secret_file(p)
-
-
-def test_secret_file_formats_accepted(tmp_path: Path) -> None:
-    raw = os.urandom(40)
-    urlsafe = base64.urlsafe_b64encode(raw).decode().rstrip("=")
-    p = _write(tmp_path / "s", f"# comment\n\n  a : {base64.b64encode(raw).decode()}\n"
-                               f"b:{urlsafe}\n")
-    assert load_secrets(p) == {"a": raw, "b": raw}
-
-
-def test_daemon_refuses_to_start_on_a_bad_secret_file(tmp_path: Path) -> None:
-    p = _write(tmp_path / "s", f"k1:{_b64(32)}\n", 0o644)
-    with pytest.raises(SecretError, match="chmod 600"):
-        KeyService.from_config(_config(p))
-
-
-def test_generate_creates_mode_0600_with_o_excl(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[str, int, int]] = []
-    real_open = os.open
-
-    def spy(path: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
-        calls.append((os.fspath(path), flags, mode))
-        return real_open(path, flags, mode, **kw)
-
-    monkeypatch.setattr(os, "open", spy)
-    old = os.umask(0)
-    try:
-        p = tmp_path / "secret"
-        key_id = generate_secret_file(p, "k1")
-    finally:
-        os.umask(old)
-    assert key_id == "k1"
-    create = [c for c in calls if c[0] == str(p)]
-    assert create and create[0][1] & os.O_EXCL and create[0][1] & os.O_CREAT
-    assert create[0][2] == 0o600
-    assert stat.S_IMODE(p.stat().st_mode) == 0o600
-    secrets = load_secrets(p)
-    assert list(secrets) == ["k1"] and len(secrets["k1"]) == 32
-
-
-def test_generate_appends_replaces_and_refuses(tmp_path: Path) -> None:
-    p = tmp_path / "secret"
-    first = generate_secret_file(p)
-    assert re.fullmatch(r"k\d{8}", first)
-    second = generate_secret_file(p)
-    assert second == f"{first}-2"
-    assert list(load_secrets(p)) == [first, second]
-    assert stat.S_IMODE(p.stat().st_mode) == 0o600
-    with pytest.raises(SecretError, match="already holds key id"):
-        generate_secret_file(p, first)
-    generate_secret_file(p, "fresh", force=True)
-    assert list(load_secrets(p)) == ["fresh"]
-    assert stat.S_IMODE(p.stat().st_mode) == 0o600
-    # never appends to a file others can read
-    p.chmod(0o644)
-    with pytest.raises(SecretError, match="chmod 600"):
-        generate_secret_file(p, "more")
-    with pytest.raises(SecretError, match="key id"):
-        generate_secret_file(tmp_path / "other", "bad id")
-    assert [x.name for x in tmp_path.iterdir()] == ["secret"]
-
-
-def test_rotating_a_symlinked_file_keeps_the_symlink(tmp_path: Path) -> None:
-    target = tmp_path / "real-secret"
-    link = tmp_path / "secret"
-    generate_secret_file(target, "k1")
-    link.symlink_to(target)
-    generate_secret_file(link, "k2")
-    assert link.is_symlink()
-    assert list(load_secrets(target)) == ["k1", "k2"]
-    assert stat.S_IMODE(target.stat().st_mode) == 0o600
-
-
 def test_hostname_that_cannot_go_in_a_key_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "secret"
     generate_secret_file(path, "k1")
     with pytest.raises(ConfigError, match=r"hostname.*cannot go in a milter key"):
         KeyService.from_config(_config(path, hostname="mx 1;evil"))
-
-
-def test_generate_does_not_follow_a_dangling_symlink(tmp_path: Path) -> None:
-    target = tmp_path / "elsewhere"
-    link = tmp_path / "secret"
-    link.symlink_to(target)
-    with pytest.raises(SecretError):
-        generate_secret_file(link, "k1")
-    assert not target.exists()
 
 
 # --- finish(): stripping and signing --------------------------------------------------------
@@ -567,7 +425,7 @@ def test_finish_strips_two_forged_headers_and_adds_ours(caplog: pytest.LogCaptur
 def test_finish_strips_many_forged_headers_and_caps_the_log_lines(
         caplog: pytest.LogCaptureFixture) -> None:
     svc = service()
-    raw = with_headers(RAW, *[("X-Milter-Key", f"v=1; forged {i}") for i in range(25)])
+    raw = with_headers(RAW, *[("X-Milter-Key", f"v=2; forged {i}") for i in range(25)])
     caplog.set_level("INFO", logger="miltermonkey")
     m, ctx = _finish(svc, raw, _ran("av"))
     out = _postfix_apply(m, ctx)
@@ -580,7 +438,7 @@ def test_finish_strips_many_forged_headers_and_caps_the_log_lines(
 def test_finish_keeps_index_right_around_a_trusted_header() -> None:
     svc = service()
     good = key_for(svc, ran=(("av", "continue"),))
-    forged = "v=1; forged"
+    forged = "v=2; forged"
     raw = with_headers(RAW, ("X-Milter-Key", forged), ("X-Milter-Key", good),
                        ("X-Milter-Key", forged + "2"))
     m = msg(raw)
@@ -675,6 +533,114 @@ def test_replaced_body_is_what_gets_signed() -> None:
     replaced = RAW.split(b"\n\n")[0] + b"\n\nnotice\n"
     assert reason_of(svc, replaced, value) is None
     assert reason_of(svc, RAW, value) is not None
+
+
+def _hop(svc: KeyService, raw: bytes, *brains: tuple[str, Any],
+         results: list[BrainResult] | None = None) -> tuple[Message, MilterContext]:
+    """One hop: each ``(name, fn(ctx))`` brain edits in turn, then the core signs."""
+    m = msg(raw)
+    insp = svc.inspect(m)
+    ctx = MilterContext(m)
+    for name, edit in brains:
+        ctx.begin(name)
+        edit(ctx)
+        ctx.end()
+    ctx.begin("core")
+    svc.finish(m, ctx, results if results is not None else _ran(*(n for n, _ in brains)), insp)
+    ctx.end()
+    return m, ctx
+
+
+def _signed(ctx: MilterContext) -> str:
+    (value,) = [e.value for e in ctx.edits
+                if isinstance(e, AddHeader | ChangeHeader) and e.name == "X-Milter-Key"
+                and e.value is not None]
+    return value
+
+
+def test_the_key_is_bound_to_the_last_of_two_replacements() -> None:
+    svc = service()
+    _, ctx = _hop(svc, RAW, ("av", lambda c: c.replace_body(b"first\r\n")),
+                  ("notice", lambda c: c.replace_body(b"second\r\n")))
+    head = RAW.split(b"\n\n")[0]
+    assert reason_of(svc, head + b"\n\nsecond\n", _signed(ctx)) is None
+    got = reason_of(svc, head + b"\n\nfirst\n", _signed(ctx))
+    assert got is not None and got.startswith(Reason.WRONG_BODY)
+
+
+def test_a_replacement_body_over_64_kib_is_signed_whole(tmp_path: Path) -> None:
+    big = b"".join(b"line %06d of a long notice\r\n" % i for i in range(9000))
+    assert len(big) > 3 * 65536
+    spooled = tmp_path / "notice"
+    spooled.write_bytes(big)
+    svc = service()
+    head = RAW.split(b"\n\n")[0] + b"\n\n"
+    for source in (big, spooled):
+        _, ctx = _hop(svc, RAW, ("av", lambda c, s=source: c.replace_body(s)))
+        assert reason_of(svc, head + big, _signed(ctx)) is None
+        got = reason_of(svc, head + big[:65535], _signed(ctx))
+        assert got is not None and got.startswith(Reason.WRONG_BODY)
+
+
+def test_the_key_binds_the_mime_headers_as_they_leave() -> None:
+    """A brain that replaces the body with a notice also sets its Content-Type."""
+    svc = service()
+
+    def notice(ctx: MilterContext) -> None:
+        ctx.replace_body(b"the attachment was removed\r\n")
+        ctx.replace_header("Content-Type", "text/plain; charset=utf-8")
+
+    raw = with_headers(RAW, ("Content-Type", "application/zip"))
+    _, ctx = _hop(svc, raw, ("av", notice))
+    key = _signed(ctx)
+    left = RAW.split(b"\n\n")[0] + (b"\nContent-Type: text/plain; charset=utf-8\n\n"
+                                     b"the attachment was removed\n")
+    assert reason_of(svc, left, key) is None
+    got = reason_of(svc, left.replace(b"text/plain; charset=utf-8", b"application/zip"), key)
+    assert got is not None and got.startswith(Reason.WRONG_HEADERS), got
+
+
+def test_a_key_header_a_brain_adds_is_judged_as_the_message_leaves(
+        caplog: pytest.LogCaptureFixture) -> None:
+    relay = service(header_name="X-Relay-Key")
+    mx = service(alternate_headers=["X-Relay-Key"])
+    good = key_for(relay)
+    forged = key_for(service({"k1": SECRET2}, header_name="X-Relay-Key"))
+    caplog.set_level("INFO", logger="miltermonkey")
+    m, ctx = _hop(mx, RAW, ("copier", lambda c: c.add_header("X-Relay-Key", good)),
+                  ("forger", lambda c: c.add_header("X-Relay-Key", forged)),
+                  ("forger2", lambda c: c.add_header("X-Milter-Key", "v=2; made up")))
+    out = _postfix_apply(m, ctx)
+    assert [v for n, v in out if n == "X-Relay-Key"] == [good]
+    ours = [v for n, v in out if n == "X-Milter-Key"]
+    assert len(ours) == 1 and reason_of(mx, RAW, ours[0]) is None
+    removed = [r.getMessage() for r in caplog.records if "removed untrusted" in r.getMessage()]
+    assert removed == [
+        f"{m.id}: removed untrusted milter key X-Milter-Key #1: malformed: expected "
+        "tag=value, got 'made up'",
+        f"{m.id}: removed untrusted milter key X-Relay-Key #2: bad MAC: forged, altered, or "
+        "made with another secret for key id 'k1'"]
+    # the same good key, added by a brain that also replaced the body, no longer holds
+    m, ctx = _hop(mx, RAW, ("copier", lambda c: (c.add_header("X-Relay-Key", good),
+                                                 c.replace_body(b"other\r\n"))))
+    assert ctx.headers.get_all("X-Relay-Key") == []
+
+
+def test_a_v1_key_is_stripped_with_its_reason(caplog: pytest.LogCaptureFixture) -> None:
+    """Keys of the old format did not bind the MIME headers: never trusted again."""
+    old = ("v=1; id=k1; host=relay.example.org; exp=1750432000; bind=body; mid=Ccvkale4; "
+           "body=Ba3gj8-x; ran=av:continue; mac=D-vl8C_GT16zWsOPfpInvY-sjUrCfPnkigvbtpXu_5I")
+    svc = service()
+    got = reason_of(svc, RAW, old)
+    assert got == (f"{Reason.OBSOLETE}: v=1 does not bind the headers that say how the body is "
+                   "read (MIME-Version, Content-Type, Content-Transfer-Encoding, "
+                   "Content-Disposition); every host that shares the secret must sign v=2")
+    caplog.set_level("INFO", logger="miltermonkey")
+    m, ctx = _finish(svc, with_headers(RAW, ("X-Milter-Key", old)), _ran("av"))
+    out = _postfix_apply(m, ctx)
+    assert [KeyFields.parse(v).version for n, v in out if n == "X-Milter-Key"] == ["2"]
+    assert any(r.getMessage() == f"{m.id}: removed untrusted milter key X-Milter-Key #1: {got}"
+               for r in caplog.records)
 
 
 # --- through the engine: hop 1 signs, hop 2 skips ------------------------------------------
@@ -776,7 +742,7 @@ def test_cli_key_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "X-Milter-Key #1: TRUSTED: key k1 from mx1.example.org" in out
     assert "ran: av (continue), spam (continue)" in out
 
-    eml.write_bytes(with_headers(OTHER, ("X-Milter-Key", "v=1; junk"), ("X-Milter-Key", good)))
+    eml.write_bytes(with_headers(OTHER, ("X-Milter-Key", "v=2; junk"), ("X-Milter-Key", good)))
     assert _cli(["key", "verify", str(eml), "-c", str(cfg)]) == 1
     out = capsys.readouterr().out
     assert "X-Milter-Key #1: NOT TRUSTED: malformed" in out

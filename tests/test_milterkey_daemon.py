@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ from miltermonkey_core.milterkey import (
     KeyService,
     generate_secret_file,
     load_secrets,
+    mime_digest,
     normalize_message_id,
 )
 from miltermonkey_core.plugins import installed_brains
@@ -119,7 +122,8 @@ def _ours(applied: AppliedMessage, host: str, secrets: dict[str, bytes]) -> KeyF
     assert fields.host == host
     m = message_from_bytes(applied.as_bytes())
     svc = KeyService(secrets, hostname="verifier")
-    assert svc.check(keys[0], normalize_message_id(m.headers), m.body.sha256())[1] is None
+    assert svc.check(keys[0], normalize_message_id(m.headers), m.body.sha256(),
+                     mime_digest(m.headers))[1] is None
     return fields
 
 
@@ -156,7 +160,7 @@ def _sign(secrets: dict[str, bytes], raw: bytes, *, expiry: int | None = None) -
     assert mid is not None
     svc = KeyService(secrets, hostname="somewhere.example")
     return svc.format(svc.sign([("keytest-a", "continue"), ("keytest-b", "continue")], mid,
-                               m.body.sha256(), expiry=expiry))
+                               m.body.sha256(), mime_digest(m.headers), expiry=expiry))
 
 
 Tamper = Callable[[AppliedMessage, dict[str, bytes]], bytes]
@@ -231,7 +235,7 @@ def test_two_forged_keys_are_both_stripped(hops: tuple[MonkeyProcess, MonkeyProc
     forged = _sign({"k1": os.urandom(32)}, hop1_result.as_bytes())
     raw = replace_key(hop1_result, forged)
     head, _, body = raw.partition(b"\r\n\r\n")
-    raw = head + b"\r\nX-Milter-Key: v=1; nonsense\r\n\r\n" + body
+    raw = head + b"\r\nX-Milter-Key: v=2; nonsense\r\n\r\n" + body
     sent = send(hop2, raw)
     result = out(sent)
     _ours(result, HOP2, secrets)
@@ -239,3 +243,57 @@ def test_two_forged_keys_are_both_stripped(hops: tuple[MonkeyProcess, MonkeyProc
     hop2.wait_for_log(f"{sent.queue_id}: removed untrusted milter key X-Milter-Key #1: bad MAC")
     # numbered by position in the message as received, which an admin can find
     hop2.wait_for_log(f"{sent.queue_id}: removed untrusted milter key X-Milter-Key #2: malformed")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="acting as another local user needs root")
+def test_a_secret_another_user_could_replace_stops_check_config_and_the_daemon(
+    keytest_brains: None, tmp_path: Path
+) -> None:
+    """Issue 13, finding 5: the file is 0600, but its directory lets anyone rename it.
+
+    ``nobody`` moves the admin's secret aside and writes one of its own (mode
+    0600 too): with it, nobody could sign "av already ran" for any message.
+    Both check-config and the daemon must refuse the directory, name it and
+    say how to fix it, and still refuse the file while nobody owns it.
+    """
+    # /tmp itself (root, sticky) is a safe ancestor; the shared directory is not
+    shared = Path(tempfile.mkdtemp(prefix="mm-shared-", dir="/tmp"))
+    try:
+        secret = shared / "miltersecret"
+        generate_secret_file(secret, "k1")
+        shared.chmod(0o777)
+        subprocess.run(
+            ["sh", "-c", "mv miltersecret miltersecret.admin && umask 077 && "
+             "printf 'k1:%s\\n' \"$(head -c 32 /dev/urandom | base64 -w0)\" > miltersecret"],
+            cwd=shared, user="nobody", check=True, timeout=30)
+        assert secret.stat().st_uid != 0
+        settings = {"milter_key": True, "miltersecretfile": str(secret)}
+        hop = MonkeyProcess(tmp_path / "mx", BRAINS, settings, name="mx")
+
+        def check_config() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "miltermonkey_core", "check-config", "-c",
+                 str(hop.config_path)], capture_output=True, text=True, timeout=60, check=False)
+
+        why = (f"milter key secret file {secret}: directory {shared} has mode 0777: group or "
+               f"others may write to it, so another local user could replace the secret; fix "
+               f"it with: chmod go-w {shared}")
+        result = check_config()
+        assert result.returncode != 0
+        assert f"{hop.config_path}:" in result.stderr and why in result.stderr, result.stderr
+        with pytest.raises(RuntimeError, match="miltermonkey exited") as started:
+            hop.start()
+        assert why in str(started.value)
+
+        # the directory fixed, the file nobody wrote is still not trusted
+        shared.chmod(0o755)
+        result = check_config()
+        assert result.returncode != 0
+        assert f"milter key secret file {secret} belongs to nobody" in result.stderr
+
+        # the admin's own secret back: all well
+        os.replace(shared / "miltersecret.admin", secret)
+        result = check_config()
+        assert result.returncode == 0, result.stderr
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

@@ -5,6 +5,11 @@ the ``;`` and ``,`` separators or around the whole value (folding, which the
 format ignores by design).  Everything else (byte flips, field edits,
 truncation, insertion, reordering, repeated fields, case changes) must leave
 the header untrusted.
+
+The same holds for the message under the key: any change to a header that
+decides how the body is read (``BOUND_HEADERS``) makes a ``bind=body`` key
+untrusted, and changes to other headers, refolding and the case of header
+names do not.
 """
 
 from __future__ import annotations
@@ -15,16 +20,25 @@ import string
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from miltermonkey_core.contract.model import message_from_bytes
-from miltermonkey_core.milterkey import KeyFields, KeyService, normalize_message_id
+from miltermonkey_core.contract.model import Message, message_from_bytes
+from miltermonkey_core.milterkey import (
+    BOUND_HEADERS,
+    KeyFields,
+    KeyService,
+    Reason,
+    mime_digest,
+    normalize_message_id,
+)
 
 NOW = 1_750_000_000
 SECRETS = {"k1": bytes(range(32)), "k2": bytes(range(64, 96))}
-RAW = b"Message-ID: <prop@example.org>\nSubject: property\n\nsome body\r\nline two\n"
+RAW = (b"Message-ID: <prop@example.org>\nSubject: property\nMIME-Version: 1.0\n"
+       b"Content-Type: text/plain; charset=us-ascii\n\nsome body\r\nline two\n")
 
 MESSAGE = message_from_bytes(RAW)
 MID = normalize_message_id(MESSAGE.headers)
 DIGEST = MESSAGE.body.sha256()
+HEADERS = mime_digest(MESSAGE.headers)
 assert MID is not None
 
 
@@ -40,7 +54,7 @@ RAN = (("av", "continue"), ("spam", "accept"), ("long", "continue"))
 
 def _valid(svc: KeyService) -> str:
     assert MID is not None
-    return svc.format(svc.sign(RAN, MID, DIGEST))
+    return svc.format(svc.sign(RAN, MID, DIGEST, HEADERS))
 
 
 VALID = {"body": _valid(BODY), "none": _valid(NONE)}
@@ -55,7 +69,7 @@ def canonical(value: str) -> str:
 
 
 def trusted(binding: str, value: str) -> bool:
-    _, reason = SERVICES[binding].check(value, MID, DIGEST)
+    _, reason = SERVICES[binding].check(value, MID, DIGEST, HEADERS)
     return reason is None
 
 
@@ -229,10 +243,152 @@ def test_random_text_never_verifies(value: str) -> None:
 def test_a_key_never_verifies_for_another_message_or_body() -> None:
     for binding, value in VALID.items():
         svc = SERVICES[binding]
-        assert svc.check(value, "<other@example.org>", DIGEST)[1] is not None
+        assert svc.check(value, "<other@example.org>", DIGEST, HEADERS)[1] is not None
         if binding == "body":
-            assert svc.check(value, MID, bytes(32))[1] is not None
+            assert svc.check(value, MID, bytes(32), HEADERS)[1] is not None
+            assert svc.check(value, MID, DIGEST, bytes(32))[1] is not None
         else:
-            assert svc.check(value, MID, bytes(32))[1] is None
+            assert svc.check(value, MID, bytes(32), bytes(32))[1] is None
         parsed = KeyFields.parse(value)
         assert parsed.binding == binding
+
+
+# --- the headers that decide how the body is read ----------------------------------------
+
+#: A message with every bound header, folded, duplicated and empty ones included.
+BASE_HEADERS: list[tuple[str, str]] = [
+    ("Received", "from relay.example by mx.example"),
+    ("Message-ID", "<mime@example.org>"),
+    ("Subject", "property of the bound headers"),
+    ("MIME-Version", "1.0"),
+    ("Content-Type", 'multipart/mixed;\r\n\tboundary="=_a  b"'),
+    ("Content-Disposition", ""),
+    ("X-Other", "kept"),
+]
+BODY = b"--=_a  b\r\nContent-Type: text/plain\r\n\r\nhello\r\n--=_a  b--\r\n"
+UNRELATED = ["Received", "X-Other", "Subject", "Content-Description", "Content-ID",
+             "X-Content-Type", "Content-Type-X", "Content-Transfer-Encodings", "MIME"]
+VALUES = st.text(alphabet=string.ascii_letters + string.digits + ' "=;/.-_\t', max_size=30)
+
+
+def render(headers: list[tuple[str, str]], body: bytes = BODY) -> bytes:
+    return b"".join(f"{n}: {v}\r\n".encode() for n, v in headers) + b"\r\n" + body
+
+
+def canonical_value(value: str) -> str:
+    """The value as the bound headers' digest reads it: folds out, outer blanks off."""
+    return value.replace("\r", "").replace("\n", "").strip(" \t")
+
+
+def bound_view(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """What the key binds: each bound name's canonical values, in order."""
+    return [(b, canonical_value(v)) for b in BOUND_HEADERS for n, v in headers
+            if n.lower() == b.lower()]
+
+
+def _signed(headers: list[tuple[str, str]]) -> tuple[Message, str]:
+    message = message_from_bytes(render(headers))
+    mid = normalize_message_id(message.headers)
+    assert mid is not None
+    fields = BODY_SERVICE.sign(RAN, mid, message.body.sha256(), mime_digest(message.headers))
+    return message, BODY_SERVICE.format(fields)
+
+
+BODY_SERVICE = _service("body")
+
+
+def reason_on(headers: list[tuple[str, str]], key: str, binding: str = "body") -> str | None:
+    message = message_from_bytes(render([*headers, ("X-Milter-Key", key)]))
+    inspection = SERVICES[binding].inspect(message)
+    (check,) = inspection.checks
+    return check.reason
+
+
+@st.composite
+def bound_change(draw: st.DrawFn) -> list[tuple[str, str]]:
+    """BASE_HEADERS with one bound header added, removed, moved or given a new value."""
+    headers = list(BASE_HEADERS)
+    name = draw(st.sampled_from(BOUND_HEADERS))
+    spelled = draw(st.sampled_from([name, name.lower(), name.upper()]))
+    at = [i for i, (n, _) in enumerate(headers) if n.lower() == name.lower()]
+    how = draw(st.sampled_from(["add", "drop", "set", "inner", "swap"]))
+    if how == "drop" and at:
+        del headers[draw(st.sampled_from(at))]
+    elif how == "set" and at:
+        i = draw(st.sampled_from(at))
+        headers[i] = (spelled, draw(VALUES))
+    elif how == "inner" and at:  # whitespace inside the value counts (a quoted boundary)
+        i = draw(st.sampled_from(at))
+        value = headers[i][1]
+        headers[i] = (headers[i][0], value.replace("  ", " ") if "  " in value
+                      else value.replace(" ", "  ", 1) if " " in value else value + " x")
+    elif how == "swap" and at:  # a second copy in front: parsers differ on which wins
+        headers.insert(at[0], (spelled, draw(VALUES)))
+    else:
+        headers.insert(draw(st.integers(0, len(headers))), (spelled, draw(VALUES)))
+    return headers
+
+
+@settings(max_examples=600, deadline=None)
+@given(bound_change())
+def test_any_change_to_a_bound_header_makes_the_key_untrusted(
+        headers: list[tuple[str, str]]) -> None:
+    assume(bound_view(headers) != bound_view(BASE_HEADERS))
+    _, key = _signed(BASE_HEADERS)
+    reason = reason_on(headers, key)
+    assert reason is not None and reason.startswith(Reason.WRONG_HEADERS), (headers, reason)
+    # a key made for the changed message holds there, and not on the original
+    _, other = _signed(headers)
+    assert reason_on(headers, other) is None
+    assert reason_on(BASE_HEADERS, other) is not None
+    # bind=none never looked at them
+    loose = NONE.format(NONE.sign(RAN, "<mime@example.org>", None, None))
+    assert reason_on(headers, loose, "none") is None
+
+
+@st.composite
+def unrelated_change(draw: st.DrawFn) -> list[tuple[str, str]]:
+    """BASE_HEADERS changed in ways that leave the body's meaning alone."""
+    headers = list(BASE_HEADERS)
+    for _ in range(draw(st.integers(1, 4))):
+        how = draw(st.sampled_from(["add", "edit", "case", "refold", "blanks", "move"]))
+        bound_at = [i for i, (n, _) in enumerate(headers)
+                    if n.lower() in {b.lower() for b in BOUND_HEADERS}]
+        if how == "add":
+            headers.insert(draw(st.integers(0, len(headers))),
+                           (draw(st.sampled_from(UNRELATED)), draw(VALUES)))
+        elif how == "edit":
+            i = next(i for i, (n, _) in enumerate(headers) if n == "Subject")
+            headers[i] = ("Subject", draw(VALUES))
+        elif how == "case":
+            i = draw(st.sampled_from(bound_at))
+            headers[i] = (draw(st.sampled_from([str.lower, str.upper, str.swapcase]))(
+                headers[i][0]), headers[i][1])
+        elif how == "refold":  # a line break before existing whitespace is folding
+            i = draw(st.sampled_from(bound_at))
+            name, value = headers[i]
+            spaces = [j for j, c in enumerate(value) if c in " \t" and value[j - 1:j].strip()]
+            if spaces:
+                j = draw(st.sampled_from(spaces))
+                headers[i] = (name, value[:j] + "\r\n" + value[j:])
+        elif how == "blanks":
+            i = draw(st.sampled_from(bound_at))
+            name, value = headers[i]
+            headers[i] = (name, draw(st.sampled_from(["", " ", "\t"])) + value
+                          + draw(st.sampled_from(["", " ", "\t ", "\r\n "])))
+        else:  # bound headers of different names may come in any order
+            i = draw(st.sampled_from(bound_at))
+            moved = headers.pop(i)
+            same = [k for k, (n, _) in enumerate(headers) if n.lower() == moved[0].lower()]
+            lo = same[-1] + 1 if same and same[-1] < i else 0
+            hi = same[0] if same and same[0] >= i else len(headers)
+            headers.insert(draw(st.integers(lo, hi)), moved)
+    return headers
+
+
+@settings(max_examples=600, deadline=None)
+@given(unrelated_change())
+def test_unrelated_header_changes_keep_the_key(headers: list[tuple[str, str]]) -> None:
+    assert bound_view(headers) == bound_view(BASE_HEADERS)
+    _, key = _signed(BASE_HEADERS)
+    assert reason_on(headers, key) is None, headers

@@ -7,11 +7,15 @@ is the administrator's description; :mod:`.fields` holds the header format,
 """
 
 from miltermonkey_core.milterkey.fields import (
+    BOUND_HEADERS,
     FORMAT_VERSION,
     MIN_SECRET_BYTES,
     KeyFields,
     MalformedKey,
+    ObsoleteKey,
     Reason,
+    canonical_header_value,
+    mime_digest,
     normalize_message_id,
 )
 from miltermonkey_core.milterkey.secrets import (
@@ -19,10 +23,12 @@ from miltermonkey_core.milterkey.secrets import (
     generate_secret_file,
     load_secrets,
     parse_secrets,
+    trusted_owners,
 )
 from miltermonkey_core.milterkey.service import KeyCheck, KeyInspection, KeyService
 
 __all__ = [
+    "BOUND_HEADERS",
     "FORMAT_VERSION",
     "MIN_SECRET_BYTES",
     "KeyCheck",
@@ -30,10 +36,14 @@ __all__ = [
     "KeyInspection",
     "KeyService",
     "MalformedKey",
+    "ObsoleteKey",
     "Reason",
+    "canonical_header_value",
     "check_secret_file",
     "generate_secret_file",
     "load_secrets",
+    "mime_digest",
     "normalize_message_id",
     "parse_secrets",
+    "trusted_owners",
 ]

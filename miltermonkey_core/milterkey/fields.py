@@ -4,15 +4,17 @@ The seed's "free pass": a message scanned for viruses on the outgoing relay
 should not be scanned again on the incoming server.  Each MilterMonkey that
 shares the secret adds a header like::
 
-    X-Milter-Key: v=1; id=k2025a; host=relay1.example.org; exp=1767225600;
-        bind=body; mid=Ccvkale4; body=Ba3gj8-x; ran=av:continue,spam:continue;
-        mac=D-vl8C_GT16zWsOPfpInvY-sjUrCfPnkigvbtpXu_5I
+    X-Milter-Key: v=2; id=k2025a; host=relay1.example.org; exp=1767225600;
+        bind=body; mid=Ccvkale4; body=Ba3gj8-x; mime=q0Vd2xYk;
+        ran=av:continue,spam:continue; mac=D-vl8C_GT16zWsOPfpInvY-sjUrCfPnkigvbtpXu_5I
 
 and the next one skips the brains configured with ``skip_if_key`` that the
 key lists.  The MAC is an HMAC-SHA256 over a length-prefixed encoding of every
-field plus the whole Message-ID and (``bind=body``) the SHA-256 of the body,
-so a key is worth nothing on another message, on an altered body, after its
-expiry, or under a secret this host does not hold.  A key that does not
+field plus the whole Message-ID and (``bind=body``) the SHA-256 of the body
+and of the headers that decide how the body is read (:data:`BOUND_HEADERS`),
+so a key is worth nothing on another message, on an altered body, on the same
+bytes declared as another type or transfer encoding, after its expiry, or
+under a secret this host does not hold.  A key that does not
 verify is never trusted and is removed before the message leaves.
 ``docs/milter-key.md`` is the administrator's description of all of this.
 
@@ -32,11 +34,20 @@ from typing import Final
 
 import attrs
 
-from miltermonkey_core.contract.model import Headers
+from miltermonkey_core.contract.model import Headers, encode_header_str
 from miltermonkey_core.contract.verdict import Action
 
-#: The header format this module writes and the only one it reads.
-FORMAT_VERSION: Final = "1"
+#: The header format this module writes and the only one it trusts.
+FORMAT_VERSION: Final = "2"
+#: Formats once written and now refused with a reason of their own: v=1 keys do
+#: not bind the headers that decide how the body is read.
+OBSOLETE_VERSIONS: Final = frozenset({"1"})
+#: The headers that decide what the body means, bound with it (``bind=body``):
+#: the same bytes are another message as base64 or as text, as a zip or as
+#: plain text, as one part or as many, under another file name.  Fixed by the
+#: format version, so a verifier never takes the list from the key itself.
+BOUND_HEADERS: Final = ("MIME-Version", "Content-Type", "Content-Transfer-Encoding",
+                        "Content-Disposition")
 #: Shortest secret accepted: the HMAC-SHA256 block of security.
 MIN_SECRET_BYTES: Final = 32
 #: A key header longer than this is not even parsed.
@@ -54,8 +65,10 @@ HOST_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 VERDICTS: Final = frozenset(a.value for a in Action)
 BINDINGS: Final = ("body", "none")
 
-#: Fields in the only order accepted; ``body`` is present exactly when bind=body.
-_FIELDS: Final = ("v", "id", "host", "exp", "bind", "mid", "body", "ran", "mac")
+#: Fields in the only order accepted; ``body`` and ``mime`` are present exactly
+#: when bind=body.
+_FIELDS: Final = ("v", "id", "host", "exp", "bind", "mid", "body", "mime", "ran", "mac")
+_BOUND_FIELDS: Final = ("body", "mime")
 _FIELD_RE: Final[Mapping[str, re.Pattern[str]]] = {
     "v": re.compile(r"[0-9]{1,3}"),
     "id": KEY_ID_RE,
@@ -64,6 +77,7 @@ _FIELD_RE: Final[Mapping[str, re.Pattern[str]]] = {
     "bind": re.compile("body|none"),
     "mid": re.compile(r"[A-Za-z0-9_-]{8}"),
     "body": re.compile(r"[A-Za-z0-9_-]{8}"),
+    "mime": re.compile(r"[A-Za-z0-9_-]{8}"),
     "mac": re.compile(r"[A-Za-z0-9_-]{43}"),
 }
 _WSP = "[ \t\r\n]*"
@@ -72,6 +86,8 @@ _COMMA = re.compile(f"{_WSP},{_WSP}")
 _TAG = re.compile(r"([a-z]+)=(.*)", re.DOTALL)
 _RAN_ITEM = re.compile(f"({_BRAIN}):([a-z]+)")
 _DOMAIN = b"MilterMonkey milter key"
+_MIME_DOMAIN = b"MilterMonkey bound headers"
+_FOLD = re.compile(rb"[\r\n]")
 
 
 # --------------------------------------------------------------------------------------
@@ -89,11 +105,17 @@ class Reason:
     FUTURE = "expiry too far in the future"
     WRONG_MESSAGE = "wrong message"
     WRONG_BODY = "wrong body"
+    WRONG_HEADERS = "wrong MIME headers"
+    OBSOLETE = "old format"
     UNBOUND = "not bound to the body"
 
 
 class MalformedKey(ValueError):
     """A key header that does not parse; the text says which part is wrong."""
+
+
+class ObsoleteKey(MalformedKey):
+    """A key in a format this version no longer trusts (``v=1``)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -131,9 +153,37 @@ def mid_tag(message_id: str) -> str:
     return _b64url(h[:6])
 
 
-def body_tag(digest: bytes) -> str:
-    """A short public fingerprint of the body digest, for diagnosing altered bodies."""
+def digest_tag(digest: bytes) -> str:
+    """A short public fingerprint of a digest (the body's, the bound headers'), for
+    explaining why a key does not match."""
     return _b64url(digest[:6])
+
+
+def canonical_header_value(value: str) -> bytes:
+    """A bound header's value as the MAC sees it: unfolded, without outer whitespace.
+
+    Unfolding removes the line breaks of folding (the whitespace after them
+    stays, as RFC 5322 unfolds); leading and trailing spaces and tabs go, since
+    MTAs pass the value with or without the space after the colon.  Runs of
+    whitespace inside are kept byte for byte: inside a quoted boundary
+    (``boundary="a  b"``) they are part of the value, so collapsing them would
+    let one header be swapped for another that splits the body differently.
+    """
+    return _FOLD.sub(b"", encode_header_str(value)).strip(b" \t")
+
+
+def mime_digest(headers: Headers) -> bytes:
+    """SHA-256 over every :data:`BOUND_HEADERS` header of the message, canonicalised.
+
+    Names match case-insensitively; each name is followed by how many copies
+    the message has and their values in order, all length-prefixed, so an
+    absent header, an empty one and two copies all differ.
+    """
+    parts = [_MIME_DOMAIN]
+    for name in BOUND_HEADERS:
+        values = [canonical_header_value(h.value) for h in headers if h.matches(name)]
+        parts += [name.lower().encode(), str(len(values)).encode(), *values]
+    return hashlib.sha256(b"".join(_lp(p) for p in parts)).digest()
 
 
 @attrs.frozen
@@ -146,6 +196,7 @@ class KeyFields:
     binding: str
     mid: str
     body: str | None
+    mime: str | None
     ran: tuple[tuple[str, str], ...]
     mac: str = ""
     version: str = FORMAT_VERSION
@@ -160,12 +211,15 @@ class KeyFields:
                 return verdict
         return None
 
-    def signed_bytes(self, message_id: str, body_digest: bytes | None) -> bytes:
+    def signed_bytes(self, message_id: str, body_digest: bytes | None,
+                     mime_digest: bytes | None) -> bytes:
         """The canonical, unambiguous encoding the MAC is computed over.
 
         Every field is length-prefixed, the brain list is preceded by its
         count and each name and verdict is a field of its own, so no two
-        different headers (or messages) encode to the same bytes.
+        different headers (or messages) encode to the same bytes.  With
+        ``bind=body`` the body digest and the bound headers' digest
+        (:func:`mime_digest`) close the list.
         """
         parts = [
             _DOMAIN,
@@ -176,17 +230,21 @@ class KeyFields:
             self.binding.encode(),
             self.mid.encode(),
             (self.body or "").encode(),
+            (self.mime or "").encode(),
             str(len(self.ran)).encode(),
         ]
         for name, verdict in self.ran:
             parts += [name.encode(), verdict.encode()]
         parts.append(message_id.encode("utf-8", "surrogateescape"))
-        parts.append(body_digest if self.binding == "body" and body_digest is not None else b"")
+        bound = self.binding == "body"
+        parts.append(body_digest if bound and body_digest is not None else b"")
+        parts.append(mime_digest if bound and mime_digest is not None else b"")
         return b"".join(_lp(p) for p in parts)
 
-    def compute_mac(self, secret: bytes, message_id: str, body_digest: bytes | None) -> str:
-        mac = hmac.new(secret, self.signed_bytes(message_id, body_digest), hashlib.sha256)
-        return _b64url(mac.digest())
+    def compute_mac(self, secret: bytes, message_id: str, body_digest: bytes | None,
+                    mime_digest: bytes | None) -> str:
+        signed = self.signed_bytes(message_id, body_digest, mime_digest)
+        return _b64url(hmac.new(secret, signed, hashlib.sha256).digest())
 
     # --- text ---------------------------------------------------------------------
 
@@ -201,6 +259,8 @@ class KeyFields:
         ]
         if self.body is not None:
             out.append(("body", self.body))
+        if self.mime is not None:
+            out.append(("mime", self.mime))
         out.append(("ran", ",".join(f"{n}:{v}" for n, v in self.ran)))
         out.append(("mac", self.mac))
         return out
@@ -255,20 +315,21 @@ class KeyFields:
             tags.append((m.group(1), m.group(2)))
         if tags[0][0] != "v":
             raise MalformedKey("does not start with the format version v=")
+        if tags[0][1] in OBSOLETE_VERSIONS:
+            raise ObsoleteKey(f"v={tags[0][1]} does not bind the headers that say how the "
+                              f"body is read ({', '.join(BOUND_HEADERS)}); every host that "
+                              f"shares the secret must sign v={FORMAT_VERSION}")
         if tags[0][1] != FORMAT_VERSION:
             raise MalformedKey(f"unsupported format version v={_show(tags[0][1])}")
         names = [t for t, _ in tags]
-        has_body = "body" in names
-        expected = [f for f in _FIELDS if f != "body" or has_body]
+        bound = ("bind", "body") in tags
+        expected = [f for f in _FIELDS if bound or f not in _BOUND_FIELDS]
         if names != expected:
             raise MalformedKey(f"fields {','.join(names)}; expected {','.join(expected)}")
         got = dict(tags)
         for tag, pattern in _FIELD_RE.items():
             if tag in got and not pattern.fullmatch(got[tag]):
                 raise MalformedKey(f"bad {tag}={_show(got[tag])}")
-        binding = got["bind"]
-        if (binding == "body") != has_body:
-            raise MalformedKey("body= must be present exactly when bind=body")
         ran: list[tuple[str, str]] = []
         for item in _COMMA.split(got["ran"]):
             m = _RAN_ITEM.fullmatch(item)
@@ -281,9 +342,10 @@ class KeyFields:
             key_id=got["id"],
             host=got["host"],
             expiry=int(got["exp"]),
-            binding=binding,
+            binding=got["bind"],
             mid=got["mid"],
             body=got.get("body"),
+            mime=got.get("mime"),
             ran=tuple(ran),
             mac=got["mac"],
             version=got["v"],

@@ -1,9 +1,12 @@
 """The milter key secret file: reading it strictly, refusing it when others can
-read it, and writing a new one.
+read or replace it, and writing a new one.
 
 A key is only as good as its secret: a secret other local users can read
-lets them sign "already scanned" for any message.  So the file is checked
-every time it is read, and ``miltermonkey key generate`` writes one that
+lets them sign "already scanned" for any message, and so does one they can
+swap for their own.  So every time the file is read it must be a private
+regular file owned by root or the milter's user, and every directory from it
+up to ``/`` must be owned by root or that user and writable by nobody else
+(OpenSSH's StrictModes).  ``miltermonkey key generate`` writes one that
 passes the check.
 """
 
@@ -11,10 +14,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import os
+import pwd
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 from miltermonkey_core.errors import SecretError
@@ -74,12 +79,90 @@ def parse_secrets(text: str, path: str = "secret file") -> dict[str, bytes]:
     return secrets
 
 
-def _read_secret_file(path: str) -> str:
+def trusted_owners(user: str | None = None) -> frozenset[int]:
+    """The users who may own the secret file and its directories.
+
+    root, the user running this process and ``user`` (the daemon's ``user``
+    setting, which it switches to after start) when that user exists.
+    """
+    owners = {0, os.geteuid()}
+    if user:
+        with contextlib.suppress(KeyError):  # check-config reports an unknown user itself
+            owners.add(pwd.getpwnam(user).pw_uid)
+    return frozenset(owners)
+
+
+def _owner_name(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _unsafe_directory(path: str, owners: Collection[int] | None) -> str | None:
+    """What is wrong with the directories on the way to ``path``, or ``None``.
+
+    Both the path as written and the one its symlinks lead to are walked
+    from the file's directory up to ``/``.  A directory others can write to
+    lets them rename the secret away and put their own in its place.  An
+    ancestor that is world-writable but sticky and owned by root (``/tmp``)
+    is safe, since nobody else can rename what is in it; as the file's own
+    directory it is not: anyone may create the file there while it is
+    missing.  ``owners`` ``None`` skips the ownership test (for ``key
+    generate``, run by root for a file another user will own).
+    """
+    for start in dict.fromkeys((os.path.abspath(path), os.path.realpath(path))):
+        directory, own = os.path.dirname(start), True
+        while True:
+            problem = _directory_problem(path, directory, own, owners)
+            if problem is not None:
+                return problem
+            parent = os.path.dirname(directory)
+            if parent == directory:
+                break
+            directory, own = parent, False
+    return None
+
+
+def _directory_problem(path: str, directory: str, own: bool,
+                       owners: Collection[int] | None) -> str | None:
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None  # opening the file says what is wrong
+    where = f"milter key secret file {path}: directory {directory}"
+    if owners is not None and st.st_uid not in owners:
+        return (f"{where} belongs to {_owner_name(st.st_uid)}, not to root or the milter's "
+                f"user, so that user could replace the secret; fix it with: "
+                f"chown root {directory} (or move the file to a directory root owns)")
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & 0o022:
+        return None
+    if mode & stat.S_ISVTX and own:
+        return (f"{where} has mode {mode:04o}: everyone may create files in it (like /tmp), "
+                f"so anyone can put their own secret there while the file is missing; move "
+                f"it to a directory only root and the milter's user can write, such as "
+                f"/etc/mail")
+    if mode & stat.S_ISVTX:
+        return None  # like /tmp: only the owner of an entry may rename it
+    return (f"{where} has mode {mode:04o}: group or others may write to it, so another "
+            f"local user could replace the secret; fix it with: chmod go-w {directory} (or "
+            f"move the file to a directory only root and the milter's user can write, such "
+            f"as /etc/mail)")
+
+
+def _read_secret_file(path: str, owners: Collection[int] | None = None) -> str:
     """The text of the secret file, after checking it is a private regular file.
 
     The checks are made on the open file itself (``fstat``), so the file
-    cannot be swapped between the check and the read.
+    cannot be swapped between the check and the read; the directories
+    leading to it are checked first, so nobody else can swap it afterwards.
+    ``owners`` are the users who may own it (:func:`trusted_owners`);
+    ``None`` skips the ownership tests.
     """
+    problem = _unsafe_directory(path, owners)
+    if problem is not None:
+        raise SecretError(problem)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -105,7 +188,13 @@ def _read_secret_file(path: str) -> str:
         if st.st_mode & 0o077:
             raise SecretError(
                 f"milter key secret file {path} has mode {stat.S_IMODE(st.st_mode):04o}: "
-                f"readable or writable by group or others; fix it with: chmod 600 {path}"
+                f"group or others have rights on it; fix it with: chmod 600 {path}"
+            )
+        if owners is not None and st.st_uid not in owners:
+            raise SecretError(
+                f"milter key secret file {path} belongs to {_owner_name(st.st_uid)}, not to "
+                f"root or the milter's user, who could have written any secret in it; if "
+                f"it is yours, fix it with: chown root {path}, else make a new one"
             )
         data = b""
         while len(data) <= _MAX_SECRET_FILE:
@@ -128,15 +217,19 @@ def _read_secret_file(path: str) -> str:
         ) from None
 
 
-def load_secrets(path: str | os.PathLike[str]) -> dict[str, bytes]:
-    """The secrets of a private secret file, in file order (the first signs by default)."""
+def load_secrets(path: str | os.PathLike[str], user: str | None = None) -> dict[str, bytes]:
+    """The secrets of a private secret file, in file order (the first signs by default).
+
+    ``user`` is the daemon's ``user`` setting: it may own the file and its
+    directories besides root (see :func:`trusted_owners`).
+    """
     p = os.fspath(path)
-    return parse_secrets(_read_secret_file(p), p)
+    return parse_secrets(_read_secret_file(p, trusted_owners(user)), p)
 
 
-def check_secret_file(path: str | os.PathLike[str]) -> None:
+def check_secret_file(path: str | os.PathLike[str], user: str | None = None) -> None:
     """Raise :class:`SecretError` (with the fix) unless ``path`` is a usable secret file."""
-    load_secrets(path)
+    load_secrets(path, user)
 
 
 def _default_key_id(existing: Iterable[str]) -> str:
@@ -196,6 +289,9 @@ def generate_secret_file(
             f"key id {key_id!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a "
             "letter or digit"
         )
+    problem = _unsafe_directory(str(p), None)
+    if problem is not None:
+        raise SecretError(problem)
     fresh = not (p.exists() or p.is_symlink())
     if fresh or force:
         new_id = key_id or _default_key_id(())

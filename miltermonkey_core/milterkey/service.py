@@ -27,15 +27,18 @@ from miltermonkey_core.errors import ConfigError, SecretError
 from miltermonkey_core.logs import ROOT
 from miltermonkey_core.milterkey.fields import (
     BINDINGS,
+    BOUND_HEADERS,
     BRAIN_RE,
     HOST_RE,
     MAX_LOGGED_REMOVALS,
     VERDICTS,
     KeyFields,
     MalformedKey,
+    ObsoleteKey,
     Reason,
-    body_tag,
+    digest_tag,
     mid_tag,
+    mime_digest,
     normalize_message_id,
 )
 from miltermonkey_core.milterkey.secrets import load_secrets
@@ -116,6 +119,13 @@ class KeyInspection:
         spared = {s.name for s in slots if s.skip_if_key and self.says_ran(s.name)}
         self.spared |= spared
         return spared
+
+
+Digest = bytes | Callable[[], bytes]
+
+
+def _value(digest: Digest) -> bytes:
+    return digest() if callable(digest) else digest
 
 
 def _replaced_body_digest(ctx: MilterContext) -> bytes | None:
@@ -199,7 +209,7 @@ class KeyService:
         file is missing, weak, unparsable or readable by others.
         """
         d = config.daemon
-        secrets = load_secrets(d.miltersecretfile)
+        secrets = load_secrets(d.miltersecretfile, d.user)
         return cls(
             secrets,
             signing_key=d.key_id,
@@ -218,16 +228,21 @@ class KeyService:
         self,
         value: str,
         message_id: str | None,
-        body_digest: bytes | Callable[[], bytes],
+        body_digest: Digest,
+        headers_digest: Digest,
         now: float | None = None,
     ) -> tuple[KeyFields | None, str | None]:
         """Verify one header value against a message; ``(fields, None)`` when trusted.
 
-        ``body_digest`` may be a callable so a bodyless check costs nothing.
-        The reason, when not trusted, starts with one of :class:`Reason`.
+        ``body_digest`` (the body's SHA-256) and ``headers_digest``
+        (:func:`~.fields.mime_digest` of its headers) may be callables, so a
+        key refused before its MAC costs no hashing.  The reason, when not
+        trusted, starts with one of :class:`Reason`.
         """
         try:
             fields = KeyFields.parse(value)
+        except ObsoleteKey as e:
+            return None, f"{Reason.OBSOLETE}: {e}"
         except MalformedKey as e:
             return None, f"{Reason.MALFORMED}: {e}"
         secret = self.secrets.get(fields.key_id)
@@ -235,13 +250,16 @@ class KeyService:
             return fields, f"{Reason.UNKNOWN_KEY} {fields.key_id!r}"
         if message_id is None:
             return fields, f"{Reason.WRONG_MESSAGE}: the message has no single Message-ID"
-        digest = body_digest() if callable(body_digest) else body_digest
-        expected = fields.compute_mac(secret, message_id, digest)
+        digest, mime = _value(body_digest), _value(headers_digest)
+        expected = fields.compute_mac(secret, message_id, digest, mime)
         if not hmac.compare_digest(expected.encode(), fields.mac.encode()):
             if fields.mid != mid_tag(message_id):
                 return fields, f"{Reason.WRONG_MESSAGE}: issued for another Message-ID"
-            if fields.body is not None and fields.body != body_tag(digest):
+            if fields.body is not None and fields.body != digest_tag(digest):
                 return fields, f"{Reason.WRONG_BODY}: the body changed since the key was made"
+            if fields.mime is not None and fields.mime != digest_tag(mime):
+                return fields, (f"{Reason.WRONG_HEADERS}: {', '.join(BOUND_HEADERS)} changed "
+                                "since the key was made, so the body reads differently")
             return fields, (f"{Reason.BAD_MAC}: forged, altered, or made with another "
                             f"secret for key id {fields.key_id!r}")
         now = self.clock() if now is None else now
@@ -260,12 +278,17 @@ class KeyService:
         now = self.clock()
         headers = message.headers
         mid = normalize_message_id(headers)
-        cache: list[bytes] = []
+        cache: dict[str, bytes] = {}
 
         def digest() -> bytes:
-            if not cache:
-                cache.append(message.body.sha256())
-            return cache[0]
+            if "body" not in cache:
+                cache["body"] = message.body.sha256()
+            return cache["body"]
+
+        def headers_digest() -> bytes:  # once: thousands of forged keys cost one walk
+            if "mime" not in cache:
+                cache["mime"] = mime_digest(headers)
+            return cache["mime"]
 
         result = KeyInspection()
         for name in self.header_names:
@@ -274,7 +297,7 @@ class KeyService:
                 if not h.matches(name):
                     continue
                 index += 1
-                fields, reason = self.check(h.value, mid, digest, now)
+                fields, reason = self.check(h.value, mid, digest, headers_digest, now)
                 result.checks.append(KeyCheck(h.name, index, h.value, fields, reason))
         for c in result.checks:
             if c.trusted and c.fields is not None:
@@ -300,26 +323,36 @@ class KeyService:
         ran: Sequence[tuple[str, str]],
         message_id: str,
         body_digest: bytes | None,
+        headers_digest: bytes | None,
         *,
         expiry: int | None = None,
         now: float | None = None,
     ) -> KeyFields:
-        """A signed key for these brains and this message, under the signing key."""
+        """A signed key for these brains and this message, under the signing key.
+
+        With body binding, ``body_digest`` and ``headers_digest`` are those of
+        the message as it leaves this hop (after every brain's edits).
+        """
         now = self.clock() if now is None else now
         if expiry is None:
             expiry = int(now) + self.lifetime(name for name, _ in ran)
-        if self.binding == "body" and body_digest is None:
-            raise ValueError("body binding needs the body digest")
+        body = mime = None
+        if self.binding == "body":
+            if body_digest is None or headers_digest is None:
+                raise ValueError("body binding needs the body and bound headers' digests")
+            body, mime = digest_tag(body_digest), digest_tag(headers_digest)
         fields = KeyFields(
             key_id=self.signing_key,
             host=self.hostname,
             expiry=expiry,
             binding=self.binding,
             mid=mid_tag(message_id),
-            body=body_tag(body_digest) if self.binding == "body" and body_digest else None,
+            body=body,
+            mime=mime,
             ran=tuple(ran),
         )
-        mac = fields.compute_mac(self.secrets[self.signing_key], message_id, body_digest)
+        mac = fields.compute_mac(self.secrets[self.signing_key], message_id, body_digest,
+                                 headers_digest)
         return attrs.evolve(fields, mac=mac)
 
     def format(self, fields: KeyFields) -> str:
@@ -343,6 +376,16 @@ class KeyService:
         known = {(c.header.lower(), c.value): c for c in insp.checks}
         mid_now = normalize_message_id(ctx.headers)
         now = self.clock()
+        cache: list[bytes] = []
+
+        def body_out() -> bytes:
+            """The body as it leaves: a brain's replacement, else the one that came."""
+            if not cache:
+                cache.append(_replaced_body_digest(ctx) or message.body.sha256())
+            return cache[0]
+
+        def headers_out() -> bytes:
+            return mime_digest(ctx.headers)
 
         # Remove every key header that is not trusted, by its index in the live list.
         removed = 0
@@ -350,8 +393,8 @@ class KeyService:
         def untrusted(h: Header, index: int) -> bool:
             nonlocal removed
             check = known.get((h.name.lower(), h.value))
-            if check is None:  # put there by a brain of this hop: judge it too
-                _, reason = self.check(h.value, mid_now, message.body.sha256, now)
+            if check is None:  # put there by a brain of this hop: judge it as it leaves
+                _, reason = self.check(h.value, mid_now, body_out, headers_out, now)
             else:
                 reason = check.reason
             if reason is None:
@@ -375,13 +418,12 @@ class KeyService:
         if mid_now is None:
             log.info("%s: no milter key added: the message has no single Message-ID", qid)
             return
-        digest = _replaced_body_digest(ctx) or message.body.sha256()
         expiry = int(now) + self.lifetime(n for n, _ in ran)
         for name, _ in ran:
             claim = insp.claim(name) if name in insp.spared else None
             if claim is not None:  # a claim carried forward keeps the expiry it was made with
                 expiry = min(expiry, claim.expiry)
-        fields = self.sign(ran, mid_now, digest, expiry=expiry, now=now)
+        fields = self.sign(ran, mid_now, body_out(), headers_out(), expiry=expiry, now=now)
         ctx.replace_header(self.header_name, self.format(fields))
         log.info("%s: milter key %s added: ran %s, expires %d", qid, fields.key_id,
                  ",".join(f"{n}:{v}" for n, v in ran), fields.expiry)

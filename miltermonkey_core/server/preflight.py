@@ -59,7 +59,7 @@ def secret_problems(config: Config) -> list[MonkeyError]:
         return []
     key = "miltersecretfile" if "miltersecretfile" in config.daemon_lines else "milter_key"
     try:
-        check_secret_file(d.miltersecretfile)
+        check_secret_file(d.miltersecretfile, d.user)
     except (MonkeyError, OSError) as e:
         return [config.error(str(e), key=key)]
     return []
