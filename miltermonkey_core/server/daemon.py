@@ -332,6 +332,9 @@ def serve_single(config: Config) -> int:
     d = config.daemon
     setup_logging(target=d.log_target, debug_level=d.debug_level, debug_mode=d.debug_mode,
                   name=d.miltername, log_format=d.log_format)
+    if d.metrics:
+        log.warning("metrics %s: the supervisor serves /metrics, /healthz and /readyz; they "
+                    "are off without it (--no-supervisor)", d.metrics)
     try:
         daemon = Daemon(config, write_pid=True)
         install_stop_signals(daemon)
