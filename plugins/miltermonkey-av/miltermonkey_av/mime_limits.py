@@ -125,19 +125,24 @@ def looks_like_mail(first_line: bytes) -> bool:
     return name in _MAIL_FIELDS or name.startswith((b"x-evs", b"x-symantec-"))
 
 
+_ARCHIVE_FIRST_BYTES: Final = frozenset(m[:1] for m, _ in (*OPAQUE_ARCHIVES, (ZIP, ""),
+                                                            (GZIP, "")))
+
+
 def content_sink(walk: Walk, depth: int, is_part: bool, head: bytes) -> Sink:
     """Where the content of a part (or archive member) at ``depth`` goes, by its first bytes."""
-    if head.startswith(ZIP):
-        return ZipWalk(walk, depth + 1)
-    if head.startswith(GZIP):
-        walk.archive(depth + 1, "gzip")
-        return Inflate(walk, 31, Sniff(walk, depth + 1, is_part=True))
+    if head[:1] in _ARCHIVE_FIRST_BYTES:
+        if head.startswith(ZIP):
+            return ZipWalk(walk, depth + 1)
+        if head.startswith(GZIP):
+            walk.archive(depth + 1, "gzip")
+            return Inflate(walk, 31, Sniff(walk, depth + 1, is_part=True))
+        for magic, kind in OPAQUE_ARCHIVES:
+            if head.startswith(magic):
+                walk.archive(depth + 1, kind)
+                return DISCARD
     if head[257:262] == b"ustar":
         return TarWalk(walk, depth + 1)
-    for magic, kind in OPAQUE_ARCHIVES:
-        if head.startswith(magic):
-            walk.archive(depth + 1, kind)
-            return DISCARD
     if looks_like_mail(head.split(b"\n", 1)[0]):
         return _MimeStream(walk, depth if is_part else depth + 1, is_part=False)
     return DISCARD
@@ -173,7 +178,12 @@ class _Frame:
 
 
 class _Leaf:
-    """The body of a part that is no multipart: decoded as far as it takes to tell what it is."""
+    """The body of a part that is no multipart: decoded as far as it takes to tell what it is.
+
+    Fed whole runs of lines at once (base64 ignores line breaks, and
+    quoted-printable soft breaks decode across them), so a large attachment
+    costs a few C calls per 64 KiB, not a Python call per line.
+    """
 
     def __init__(self, sink: Sink, encoding: bytes) -> None:
         self.sink = sink
@@ -182,36 +192,21 @@ class _Leaf:
         self.carry = b""
         self.done = False
 
-    def line(self, raw: bytes, text: bytes) -> None:
+    def feed(self, data: bytes) -> None:
         if self.done:
             return
         if self.base64:
-            self._base64(text)
-        elif self.qp:
-            soft = text.endswith(b"=")
-            self.sink.feed(binascii.a2b_qp(text) + (b"" if soft else b"\r\n"))
-        else:
-            self.sink.feed(raw)
-        if isinstance(self.sink, Sniff) and self.sink.discarding:
-            self.done = True  # nothing left to learn: later lines are not decoded
-
-    def raw_tail(self, data: bytes) -> None:
-        """More of a line longer than :data:`MAX_LINE` (base64 without line breaks, binary)."""
-        if self.done:
-            return
-        if self.base64:
-            self._base64(data)
+            data = self.carry + data.translate(None, _B64_JUNK)
+            usable = len(data) - len(data) % 4
+            self.carry = data[usable:]
+            if usable:
+                self.sink.feed(binascii.a2b_base64(data[:usable]))
         elif self.qp:
             self.sink.feed(binascii.a2b_qp(data))
         else:
             self.sink.feed(data)
-
-    def _base64(self, text: bytes) -> None:
-        data = self.carry + text.translate(None, _B64_JUNK)
-        usable = len(data) - len(data) % 4
-        self.carry = data[usable:]
-        if usable:
-            self.sink.feed(binascii.a2b_base64(data[:usable]))
+        if isinstance(self.sink, Sniff) and self.sink.discarding:
+            self.done = True  # nothing left to learn: the rest is not decoded
 
     def close(self) -> None:
         if self.base64 and len(self.carry) > 1 and not self.done:
@@ -249,18 +244,18 @@ class _MimeStream:
         pending = self.pending
         size = len(data)
         while start < size:
-            if not pending and self._skipping():
-                # Nothing in this body to learn: jump to the next line that could
-                # be a boundary, at C speed, instead of reading every line.
-                if not self.frames:
-                    return
-                if not data.startswith(b"--", start):
-                    candidate = data.find(b"\n--", start)
-                    if candidate < 0:
-                        last = data.rfind(b"\n", start)
-                        start = last + 1 if last >= 0 else start
-                        break
-                    start = candidate + 1
+            if not pending and self.state != _HEADERS and not data.startswith(b"--", start):
+                # A body: only a line starting with "--" can end it.  Hand the lines
+                # up to the next one to the leaf in one piece (or skip them), at C speed.
+                candidate = data.find(b"\n--", start) if self.frames else -1
+                end = candidate + 1 if candidate >= 0 else data.rfind(b"\n", start) + 1
+                if end > start:
+                    if self.state == _LEAF and self.leaf is not None:
+                        self.leaf.feed(data[start:end])
+                    start = end
+                if candidate < 0:
+                    break
+                continue
             nl = data.find(b"\n", start)
             if nl < 0:
                 break
@@ -281,13 +276,10 @@ class _MimeStream:
                 self._line(head, head)
                 self._overflow(rest)
 
-    def _skipping(self) -> bool:
-        return self.state == _SKIP or (self.state == _LEAF and self.leaf is not None
-                                       and self.leaf.done)
-
     def _overflow(self, data: bytes) -> None:
+        """More of a line longer than :data:`MAX_LINE`: content only a leaf wants."""
         if self.state == _LEAF and self.leaf is not None:
-            self.leaf.raw_tail(data)
+            self.leaf.feed(data)
 
     def close(self) -> None:
         if self.pending:
@@ -303,7 +295,7 @@ class _MimeStream:
             return
         if self.state == _LEAF:
             assert self.leaf is not None
-            self.leaf.line(raw, text)
+            self.leaf.feed(raw)
         elif self.state == _HEADERS:
             self._header(raw, text)
         # _SKIP: a preamble or an epilogue, never looked at

@@ -28,6 +28,20 @@ def clamd(clamd_server: Clamd) -> Clamd:
     return clamd_server
 
 
+@pytest.fixture(scope="session")
+def plain_clamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clamd]:
+    """clamd as Debian ships it, without AlertExceedsMax: it answers OK for what it
+    stopped looking into, so only the brain's own structure limits stand in the way."""
+    require_or_skip(Clamd)
+    c = Clamd(tmp_path_factory.mktemp("plain-clamd"), free_port(), db_files=signature_files(),
+              alert_exceeds_max=False)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
 @pytest.fixture
 def make_clamd(tmp_path: Path) -> Iterator[Callable[..., Clamd]]:
     """Factory for extra clamds (``cls=SmallStreamClamd`` for a small stream limit)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
 import smtplib
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -180,3 +181,25 @@ def test_quarantine_goes_to_the_hold_queue(fresh: Stack) -> None:
     assert "milter triggers HOLD action" in fresh.postfix.maillog()
     fresh.monkeys["quarantine"].wait_for_log(f"infected: {av_samples.NAME_EICAR}")
     fresh.postfix.purge_queue()
+
+
+@pytest.mark.parametrize(("name", "raw"), [
+    ("rfc822-20", av_samples.nested_rfc822(20)),
+    ("parts-50000", av_samples.many_parts(50_000)),
+    ("zip-20", av_samples.nested_zip_message(20)),
+])
+def test_eicar_past_the_scanners_limits_is_refused(fresh: Stack, name: str, raw: bytes) -> None:
+    """Issue 13: delivered as Clean before.  Through Postfix and the daemon: 554, nothing
+    delivered, and the daemon's log line carries Postfix's queue id."""
+    code, text = fresh.send(raw.replace(b"Subject: ", b"Subject: " + name.encode() + b" ", 1))
+    assert code == 554, (name, text)
+    assert text.startswith("5.7.0 Message refused: ")
+    rejected = re.findall(r"(\w+): milter-reject: END-OF-MESSAGE [^\n]*5\.7\.0 Message refused",
+                          fresh.postfix.maillog())
+    assert rejected, fresh.postfix.maillog()[-2000:]
+    needle = f"{rejected[-1]}: not scanned to the end"
+    log = fresh.monkeys["relay"].wait_for_log(needle)
+    [line] = [ln for ln in log.splitlines() if needle in ln]
+    assert "limits_action reject" in line and "max_mime_" in line  # the brain's own walk
+    assert fresh.postfix.queue_empty()
+    assert fresh.sink.messages() == []

@@ -275,20 +275,29 @@ def _eicar_message(subject: str = "the bottom") -> EmailMessage:
     return m
 
 
-def nested_rfc822(depth: int, payload: EmailMessage | None = None) -> bytes:
-    """EICAR (or *payload*) forwarded as an attachment *depth* times.
+def nested_rfc822(depth: int, payload: bytes | None = None) -> bytes:
+    """EICAR (or the message *payload*) forwarded as an attachment *depth* times.
 
     Each level is what a mail client sends for "forward as attachment": a
     ``multipart/mixed`` with a text part and the previous message as
-    ``message/rfc822``.  ``depth = 0`` is the EICAR message itself.
+    ``message/rfc822``.  ``depth = 0`` is the EICAR message itself.  Built
+    as bytes: :mod:`email` cannot serialise a few hundred levels.
     """
-    m = payload if payload is not None else _eicar_message()
-    for level in range(depth):
-        outer = _base(f"fwd {level + 1}", msgid=f"<fwd.{level + 1}@example.org>")
-        outer.set_content(f"forwarded, level {level + 1}\n")
-        outer.add_attachment(m)
-        m = outer
-    return _bytes(m)
+    raw = payload if payload is not None else _bytes(_eicar_message())
+    for level in range(1, depth + 1):
+        boundary = f"fwd-{level}".encode()
+        raw = (b"From: alice@example.org\r\nTo: bob@example.net\r\n"
+               b"Subject: fwd " + str(level).encode() + b"\r\n"
+               b"Date: Sun, 23 Jan 2005 06:43:39 +0000\r\n"
+               b"Message-ID: <fwd." + str(level).encode() + b"@example.org>\r\n"
+               b"MIME-Version: 1.0\r\n"
+               b"Content-Type: multipart/mixed; boundary=\"" + boundary + b"\"\r\n\r\n"
+               b"--" + boundary + b"\r\nContent-Type: text/plain; charset=\"utf-8\"\r\n\r\n"
+               b"forwarded, level " + str(level).encode() + b"\r\n"
+               b"--" + boundary + b"\r\nContent-Type: message/rfc822\r\n"
+               b"Content-Disposition: attachment\r\n\r\n" + raw + b"\r\n"
+               b"--" + boundary + b"--\r\n")
+    return raw
 
 
 def nested_multipart(depth: int) -> bytes:
