@@ -143,7 +143,8 @@ def long(session: nox.Session) -> None:
     install_project(session)
     session.run("pytest", "-s", "tests/test_reliability_postfix.py", "tests/test_fuzz.py",
                 "tests/test_reliability.py::test_no_leak_over_many_messages",
-                "tests/test_metrics_postfix.py", *session.posargs,
+                "tests/test_metrics_postfix.py",
+                "plugins/miltermonkey-av/tests/test_av_limits_long.py", *session.posargs,
                 env={"MILTERMONKEY_LONG": "1", "MILTERMONKEY_FAULT_REPORT": "faults.json",
                      "MILTERMONKEY_FUZZ_REPORT": "fuzz.json"})
 
