@@ -12,7 +12,6 @@ import pathlib
 import re
 import tomllib
 from collections.abc import Mapping
-from importlib import resources
 from typing import Any, Final
 
 from miltermonkey_core.config.build import RawItem, RawTable, build_config
@@ -141,7 +140,9 @@ def embedded_default(
     each is added after the trivial brain, so a plain ``miltermonkey run``
     on a mail host scans without writing a config.
     """
-    res = resources.files("miltermonkey_core").joinpath("default.toml")
+    # The file ships beside the package's modules (package data); importlib.resources
+    # would bring tempfile, shutil, bz2 and lzma into both daemon processes.
+    res = pathlib.Path(__file__).resolve().parent.parent / "default.toml"
     text = res.read_text(encoding="utf-8")
     for name, options in (detected or {}).items():
         lines = "".join(f"{key} = {to_toml_value(value)}\n" for key, value in options.items())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -168,6 +167,9 @@ class Body:
             mem = self._mem = io.BytesIO()
         mem.write(chunk)
         if mem.tell() > self._threshold:
+            # tempfile brings shutil, bz2 and lzma: imported by the first large body only.
+            import tempfile  # noqa: PLC0415 - memory
+
             f = tempfile.TemporaryFile(prefix="mm-body-", dir=self._tmpdir)  # noqa: SIM115
             f.write(mem.getbuffer())
             self._file = f

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
-import smtplib
 import socket
-import subprocess
 from collections.abc import Sequence
-from tempfile import NamedTemporaryFile, TemporaryDirectory
 from typing import IO, TYPE_CHECKING, Any
 
 from miltermonkey_core.logs import ROOT, LevelLogger
 
 if TYPE_CHECKING:
+    from tempfile import TemporaryDirectory
+
     from miltermonkey_core.contract.model import Message
 
 log = logging.getLogger(f"{ROOT}.monkey")
@@ -86,14 +85,20 @@ class Monkey:
 
     # --- files ----------------------------------------------------------------
 
+    # tempfile, smtplib and subprocess are imported where they are used: tempfile
+    # brings shutil, bz2 and lzma, smtplib brings ssl and email (about 8 MiB
+    # together), and a daemon whose brains send no notices never needs them.
+
     def tempfile(self, prefix: str = "mm-", suffix: str = "") -> IO[bytes]:
         """A named temporary file in the configured tmpdir, removed on close."""
-        return NamedTemporaryFile(
-            prefix=prefix, suffix=suffix, dir=self.tmpdir
-        )
+        import tempfile  # noqa: PLC0415 - memory, see above
+
+        return tempfile.NamedTemporaryFile(prefix=prefix, suffix=suffix, dir=self.tmpdir)
 
     def tempdir(self, prefix: str = "mm-") -> TemporaryDirectory[str]:
-        return TemporaryDirectory(prefix=prefix, dir=self.tmpdir)
+        import tempfile  # noqa: PLC0415 - memory, see above
+
+        return tempfile.TemporaryDirectory(prefix=prefix, dir=self.tmpdir)
 
     # --- the milter key ---------------------------------------------------------
 
@@ -127,6 +132,8 @@ class Monkey:
             raise NoticeError("notice has no recipients")
         sendmail = sendmail_path or self.sendmail_path
         if self.notify_smtp and not sendmail_path:
+            import smtplib  # noqa: PLC0415 - memory, see tempfile above
+
             host, _, port = self.notify_smtp.rpartition(":")
             try:
                 with smtplib.SMTP(host or "127.0.0.1", int(port), timeout=30) as s:
@@ -136,6 +143,8 @@ class Monkey:
             return
         if not os.access(sendmail, os.X_OK):
             raise NoticeError(f"sendmail_path {sendmail} is not executable")
+        import subprocess  # noqa: PLC0415 - memory, see tempfile above
+
         try:
             proc = subprocess.run(
                 [sendmail, "-i", "-f", env_from or "<>", "--", *rcpts],
