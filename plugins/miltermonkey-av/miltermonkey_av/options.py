@@ -219,8 +219,9 @@ class AntiVirusOptions:
 
     # --- structure limits -------------------------------------------------------------------
     #: What happens to mail the scan could not look at to the end: past max_mime_depth
-    #: or max_mime_parts, or reported by the engine as past its own limits
-    #: (clamd's Heuristics.Limits.Exceeded with AlertExceedsMax).  reject (554 5.7.0),
+    #: or max_mime_parts, an archive member over max_scan_size, or reported by the
+    #: engine as past its own limits (clamd's Heuristics.Limits.Exceeded, with
+    #: AlertExceedsMax yes in clamd.conf).  reject (554 5.7.0),
     #: tempfail (451 4.7.0), or accept-tag (also written accept): delivered with
     #: X-Virus-Status: Unscanned (limits), and the milter key does not claim av ran.
     limits_action: str = attrs.field(default="reject", converter=_limits_action,
