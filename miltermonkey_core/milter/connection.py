@@ -81,7 +81,7 @@ class ConnectionHost(Protocol):
     def session_closed(self, session: Session) -> None: ...
 
     def negotiated(self, conn: MilterConnection) -> None:
-        """The connection completed its negotiation (it is an MTA, not a stalled client)."""
+        """The connection sent its OPTNEG (it is an MTA, not a stalled client)."""
 
 
 class ProtocolViolation(Exception):
@@ -157,6 +157,7 @@ class MilterConnection:
         cmd, data = cmd_data
         if cmd != p.SMFIC_OPTNEG:
             raise ProtocolViolation(f"the first command must be OPTNEG, got {cmd!r}")
+        self.host.negotiated(self)  # it speaks: no stalled client to evict in a flood
         self._send(self._optneg(data))
         handlers = _HANDLERS
         while True:
@@ -206,7 +207,6 @@ class MilterConnection:
                         ", ".join(p.describe_actions(missing)))
         self.allowed = gen.plan.allowed(self.actions)
         self._new_session()
-        self.host.negotiated(self)
         return p.encode_packet(p.SMFIC_OPTNEG, reply)
 
     def _renegotiate(self, data: bytes) -> None:
