@@ -29,6 +29,13 @@ if [ "$lines" -ne 1 ]; then
     exit 1
 fi
 
+# The docs' getting-started page promises the README's commands word for word.
+if ! grep -qxF -- "$command" docs/getting-started.md; then
+    echo "readme-first-command: docs/getting-started.md does not show the README's first" \
+         "command: $command" >&2
+    exit 1
+fi
+
 if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
     echo "readme-first-command: something already listens on 127.0.0.1:$PORT" >&2
     exit 1
