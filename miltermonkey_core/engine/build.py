@@ -89,7 +89,8 @@ def build_engine(config: Config, cache: ScanCache | bool | None = True) -> Engin
     monkey = Monkey.from_config(d, config)
     key = KeyService.from_config(config) if d.milter_key else None
     chain = build_chain(config, monkey)
-    scan_cache = make_cache(config) if cache is True else cache or None
+    # Not ``cache or None``: an empty MemoryCache has a length of 0 and is falsy.
+    scan_cache = make_cache(config) if cache is True else None if cache is False else cache
     return Engine(chain, monkey,
                   EngineSettings(spool_threshold=d.spool_threshold, tmpdir=d.tmpdir,
                                  max_message_size=d.max_message_size), key=key,
