@@ -97,7 +97,9 @@ class Brain:
     #: it did to the message (it only looks at the message as received): the
     #: daemon may then start it at the same time as its independent neighbours,
     #: so their engine calls overlap.  Its results still apply in config order.
-    independent: ClassVar[bool] = False
+    #: May be set per instance, when an option makes the brain read what earlier
+    #: brains wrote.
+    independent: bool = False
     #: Seconds a cached end-of-message result of this brain may be replayed
     #: (0: never cached).  See :meth:`cache_key`; may be set per instance.
     cache_ttl: float = 0.0
