@@ -14,7 +14,10 @@ and rspamd users expect today:
 * optional reject and quarantine thresholds and a Subject tag;
 * skips for authenticated senders, trusted networks and oversized mail;
 * a policy of its own for when spamd is down or slow (tag by default: the
-  mail is delivered marked ``X-Spam-Status: Unchecked (...)``).
+  mail is delivered marked ``X-Spam-Status: Unchecked (...)``);
+* the core's scan cache: a message seen again from the same client (a retry,
+  a bulk sender's next transaction) gets the verdict spamd gave it a moment
+  ago without asking spamd again (:meth:`SpamBrain.cache_key`).
 
 Everything per message lives in locals and ``message.notes[<brain name>]``;
 the instance is shared by all worker threads.
@@ -23,9 +26,10 @@ the instance is shared by all worker threads.
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import ipaddress
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
 from miltermonkey_core import (
@@ -42,6 +46,7 @@ from miltermonkey_core import (
     hookimpl,
 )
 from miltermonkey_spam import headers as hdr
+from miltermonkey_spam.cachekey import FORMAT, answer_options, engine_identity
 from miltermonkey_spam.options import SpamOptions
 from miltermonkey_spam.spamc import SpamcClient, SpamdError, SpamdTimeout, SpamResult
 
@@ -62,6 +67,11 @@ class SpamBrain(Brain):
                    "reject and quarantine thresholds")
     #: A spamd outage should not stop mail: deliver, marked unchecked.
     default_on_error = "tag"
+    #: spamd sees the message as received (headers, body, this hop's Received
+    #: line), never what earlier brains wrote, so its call can overlap theirs.
+    #: Not with ``subject_tag``: the tag goes on the Subject as earlier brains
+    #: left it (set per instance in ``__init__``).
+    independent = True
 
     @classmethod
     def detect_local(cls) -> dict[str, Any] | None:
@@ -98,6 +108,13 @@ class SpamBrain(Brain):
             macros["envfrom"] = ("{auth_authen}",)
         self.needs = Needs(envelope=True, headers=True, body=True,
                            actions=frozenset(actions), macros=macros)
+        self.cache_ttl = options.cache_ttl
+        if options.subject_tag:
+            self.independent = False
+        #: The spamd that answered last (see :func:`.cachekey.engine_identity`);
+        #: None until the first answer, and until then nothing is cached.
+        self.engine: str | None = None
+        self._answer_options = answer_options(options)
         self._warn_about_timeouts(monkey)
 
     def _warn_about_timeouts(self, monkey: Monkey) -> None:
@@ -206,7 +223,50 @@ class SpamBrain(Brain):
         except SpamdError as e:
             self._engine_error(message, ctx, monkey, e, notes)
             return
+        self.engine = engine_identity(result)
         self._apply(message, ctx, monkey, result, notes)
+
+    # --- the scan cache -------------------------------------------------------------------
+
+    def cache_key(self, message: Message) -> Sequence[str | bytes] | None:
+        """Everything spamd's verdict on ``message`` and what this brain writes depend on.
+
+        * the header block exactly as spamd gets it, with this hop's Received
+          line (client address, HELO name, reverse DNS name, MTA host,
+          envelope sender) but without its queue id and date, which differ
+          on every retry; SpamAssassin compares that date with the Date
+          header only in steps of hours, far above ``cache_ttl``;
+        * the names of the ``remove_headers`` headers that came with it: spamd
+          does not see them, but the brain deletes them by name, and a replay
+          must delete a forged ``X-Spam-Report`` as the scan did;
+        * the body's digest (the MTA sent it; the core hashed it on arrival);
+        * the SASL login name, if any;
+        * the options that change the answer or the headers written
+          (:func:`.cachekey.answer_options`);
+        * the spamd that answered last: SpamAssassin's version, rules version
+          if it says, ``required_score`` (:func:`.cachekey.engine_identity`).
+
+        Not cached (None): before spamd has answered once (its version is not
+        known yet), and messages this brain will not scan (authenticated
+        senders it skips, messages above ``max_size``).  The recipients are
+        not part of it: spamd never sees them, so one body sent to many
+        recipients in many transactions is scanned once.
+        """
+        engine = self.engine
+        if engine is None:
+            return None
+        o = self.options
+        user = message.connection.authenticated
+        if o.skip_authenticated and user:
+            return None
+        received = self._received_line(message, stable=True) if o.received_header else b""
+        head = self._header_block(message, received)
+        if len(head) + message.body.size > o.max_size:
+            return None
+        removed = "\n".join(h.name for h in message.headers
+                            if hdr.matches_any(h.name, o.remove_headers))
+        return (FORMAT, engine, self._answer_options, user or "", removed,
+                hashlib.sha256(head).digest(), message.body.sha256())
 
     def payload(self, message: Message) -> tuple[Callable[[], Iterator[bytes]], int]:
         """The bytes spamd gets, as a chunk source and its exact length.
@@ -218,17 +278,8 @@ class SpamBrain(Brain):
         and SpamAssassin needs the client's address for its network rules.
         The body is streamed from the spool, never copied.
         """
-        head = bytearray()
-        if self.options.received_header:
-            head += self._received_line(message)
-        patterns = self.options.remove_headers
-        for h in message.headers:
-            if hdr.matches_any(h.name, patterns):
-                continue
-            value = h.raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-            head += h.name.encode("utf-8", "surrogateescape") + b": " + value + b"\r\n"
-        head += b"\r\n"
-        head_bytes = bytes(head)
+        received = self._received_line(message) if self.options.received_header else b""
+        head_bytes = self._header_block(message, received)
         body = message.body
 
         def chunks() -> Iterator[bytes]:
@@ -237,8 +288,23 @@ class SpamBrain(Brain):
 
         return chunks, len(head_bytes) + body.size
 
-    def _received_line(self, message: Message) -> bytes:
-        """A Sendmail-style Received line for this hop, as spamass-milter writes for spamc."""
+    def _header_block(self, message: Message, received: bytes) -> bytes:
+        """``received``, the headers as received minus ``remove_headers`` (CRLF), a blank line."""
+        head = bytearray(received)
+        patterns = self.options.remove_headers
+        for h in message.headers:
+            if hdr.matches_any(h.name, patterns):
+                continue
+            value = h.raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            head += h.name.encode("utf-8", "surrogateescape") + b": " + value + b"\r\n"
+        head += b"\r\n"
+        return bytes(head)
+
+    def _received_line(self, message: Message, *, stable: bool = False) -> bytes:
+        """A Sendmail-style Received line for this hop, as spamass-milter writes for spamc.
+
+        ``stable``: without the queue id and the date, for the cache key.
+        """
         conn = message.connection
         if not conn.address:
             return b""
@@ -247,9 +313,12 @@ class SpamBrain(Brain):
         if rdns.startswith("[") or rdns == conn.address:
             rdns = "unknown"
         by = _clean(message.macros.get("j") or conn.macros.get("j") or self.monkey.hostname)
-        qid = _clean(message.queue_id or "unknown")
         sender = _clean(message.envelope.sender.address if message.envelope.sender else "<>")
-        date = email.utils.formatdate(localtime=True)
+        if stable:
+            qid = date = ""
+        else:
+            qid = _clean(message.queue_id or "unknown")
+            date = email.utils.formatdate(localtime=True)
         line = (f"Received: from {helo} ({rdns} [{_clean(conn.address)}])\r\n"
                 f"\tby {by} (MilterMonkey) with ESMTP id {qid};\r\n"
                 f"\t{date}\r\n\t(envelope-from {sender})\r\n")

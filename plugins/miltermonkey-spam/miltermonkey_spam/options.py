@@ -2,28 +2,31 @@
 
 Every option is documented in the package README (name, default, meaning);
 keep the two in step.  Converters accept what TOML gives (ints for floats,
-``"500k"`` sizes, lists for tuples) and raise ``ValueError`` with a message
-that the core's config loader shows at the offending line.
+lists for tuples) and raise ``ValueError`` with a message that the core's
+config loader shows at the offending line.  Sizes and durations use the
+core's parsers, so ``"25MiB"`` or ``"90s"`` mean here what they mean in
+``[miltermonkey]`` and in every other brain's table.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import math
-import re
 from collections.abc import Mapping
 from typing import Any, ClassVar, Final, Literal
 
 import attrs
 
-from miltermonkey_core import Reply, check_header_name
+from miltermonkey_core import Reply, check_header_name, duration_converter, size_converter
 from miltermonkey_spam.spamc import SpamdAddress, check_user
 
 #: spamc's default ``-s`` limit (500 KiB): larger messages are not sent to spamd.
 DEFAULT_MAX_SIZE: Final = 500 * 1024
 DEFAULT_LADDER: Final = (5.0, 10.0, 15.0, 20.0, 30.0)
-
-_SIZE = re.compile(r"^(\d+)\s*([kKmMgG]?)[bB]?$")
+#: How long a spamd verdict is replayed for the same message: long enough for
+#: Postfix's first retries and a bulk sender's run of transactions, short
+#: enough that network tests, Bayes and rule updates catch up soon.
+DEFAULT_CACHE_TTL: Final = 300.0
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -31,41 +34,41 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _number(value: Any, *, lo: float | None = None, positive: bool = False,
-            what: str = "a number") -> float:
+def _number(value: Any, what: str) -> float:
     if not _is_number(value) or not math.isfinite(value):
         raise ValueError(f"expected {what}, got {value!r}")
-    if positive and value <= 0:
-        raise ValueError(f"must be more than 0, got {value!r}")
-    if lo is not None and value < lo:
-        raise ValueError(f"must be at least {lo:g}, got {value!r}")
     return float(value)
 
 
+_ABOVE_ZERO_SECONDS = duration_converter(minimum=0.0, exclusive=True)
+_ANY_SECONDS = duration_converter(minimum=0.0)
+_BYTES = size_converter(minimum=1)
+
+
 def _positive_seconds(value: Any) -> float:
-    return _number(value, positive=True, what="seconds")
+    """Seconds above 0: ``30``, ``2.5``, ``"30s"``, ``"2m"`` (the core's durations)."""
+    seconds: float = _ABOVE_ZERO_SECONDS(value)
+    return seconds
 
 
 def _seconds(value: Any) -> float:
-    return _number(value, lo=0, what="seconds")
+    """Seconds, 0 allowed."""
+    seconds: float = _ANY_SECONDS(value)
+    return seconds
+
+
+def _size(value: Any) -> int:
+    """Bytes above 0: ``512000``, ``"500k"``, ``"2M"``, ``"25MiB"`` (the core's sizes).
+
+    Powers of 1024, as spamc's ``-s`` counts.
+    """
+    n: int = _BYTES(value)
+    return n
 
 
 def _optional_score(value: Any) -> float | None:
     """A score, or unset (``None``, or ``""`` as ``show-config`` writes an unset key)."""
     return None if value is None or value == "" else _number(value, what="a score")
-
-
-def _size(value: Any) -> int:
-    """Bytes as a number or ``"500k"``, ``"2M"`` (powers of 1024), like spamc's ``-s``."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value <= 0:
-            raise ValueError(f"max_size must be more than 0, got {value}")
-        return value
-    if isinstance(value, str) and (m := _SIZE.fullmatch(value.strip())):
-        n = int(m.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2).lower()]
-        if n > 0:
-            return n
-    raise ValueError(f'expected a size in bytes or like "500k", "2M", got {value!r}')
 
 
 def _str_list(value: Any, what: str) -> tuple[str, ...]:
@@ -228,6 +231,12 @@ class SpamOptions:
     remove_headers: tuple[str, ...] = attrs.field(
         default=("X-Spam", "X-Spam-*"), converter=_header_patterns,
         metadata={"doc": "incoming headers removed and hidden from spamd (patterns)"})
+
+    # --- the scan cache -----------------------------------------------------------------
+    cache_ttl: float = attrs.field(
+        default=DEFAULT_CACHE_TTL, converter=_seconds,
+        metadata={"doc": "seconds spamd's verdict on a message is replayed for the same "
+                         "message from the same client; 0: never cached"})
 
     # --- what happens to spam -------------------------------------------------------------
     reject_score: float | None = attrs.field(

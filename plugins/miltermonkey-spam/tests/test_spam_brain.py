@@ -377,6 +377,37 @@ def test_bad_options_are_config_errors(raw: dict[str, Any], message: str) -> Non
         options(**raw)
 
 
+@pytest.mark.parametrize(("written", "size"), [
+    (4096, 4096), ("500k", 500 * 1024), ("500kb", 500 * 1024), ("2M", 2 * 1024**2),
+    ("25MiB", 25 * 1024**2), ("1G", 1024**3),
+])
+def test_sizes_are_written_as_everywhere_else(written: object, size: int) -> None:
+    from miltermonkey_core import parse_size
+
+    assert options(max_size=written).max_size == size == parse_size(written)
+
+
+def test_durations_are_written_as_everywhere_else() -> None:
+    o = options(connect_timeout="1.5", scan_timeout="90s", cooldown="2m", cache_ttl="1h")
+    assert (o.connect_timeout, o.scan_timeout, o.cooldown, o.cache_ttl) == (1.5, 90, 120, 3600)
+    o = options(connect_timeout=2, scan_timeout=2.5, cooldown=0, cache_ttl=0)  # plain numbers
+    assert (o.connect_timeout, o.scan_timeout, o.cooldown, o.cache_ttl) == (2, 2.5, 0, 0)
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"max_size": 0}, "at least 1"),
+    ({"max_size": "1.5M"}, "25MiB"),
+    ({"scan_timeout": "soon"}, "duration"),
+    ({"connect_timeout": "0s"}, "more than 0"),
+    ({"cooldown": "-1s"}, "duration"),
+    ({"cache_ttl": -1}, "at least 0"),
+    ({"cache_ttl": True}, "duration"),
+])
+def test_bad_sizes_and_durations_are_config_errors(raw: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        options(**raw)
+
+
 def test_stars_and_rating_helpers() -> None:
     assert hdr.stars(-3) == "" and hdr.stars(0.9) == "" and hdr.stars(4.99) == "****"
     assert hdr.stars(1000) == "*" * 50

@@ -1,7 +1,9 @@
 """A loopback spamd that misbehaves on demand: hangs, hangs up, answers garbage.
 
 A real spamd will not do those things when a test needs it to, yet they are
-what a client's timeouts and fail-over exist for.
+what a client's timeouts and fail-over exist for.  It can also stand in
+front of a real spamd and pass every request through, so that a test counts
+what was asked (``connections``) and still gets SpamAssassin's answers.
 """
 
 from __future__ import annotations
@@ -53,6 +55,19 @@ class FakeSpamd(FakeServer):
         def handler(conn: socket.socket) -> None:
             cls.read_request(conn)
             conn.sendall(reply)
+
+        return handler
+
+    @classmethod
+    def forwarding(cls, address: tuple[str, int], timeout: float = 60.0) -> ConnectionHandler:
+        """Pass each request to the spamd at *address* and its answer back, unchanged."""
+        def handler(conn: socket.socket) -> None:
+            request = cls.read_request(conn)
+            with socket.create_connection(address, timeout=timeout) as upstream:
+                upstream.sendall(request)
+                upstream.shutdown(socket.SHUT_WR)
+                while data := upstream.recv(65536):
+                    conn.sendall(data)
 
         return handler
 
