@@ -10,7 +10,9 @@ MESSAGE.eml``, over EICAR at the bottom of:
 * ``mp-N``: N nested ``multipart/mixed`` bodies;
 * ``parts-N``: N text parts before it;
 * ``zip-N``: a zip in a zip ... N archives deep (deflated);
-* ``zip0-N``: the same, stored (no compression).
+* ``zip0-N``: the same, stored (no compression);
+* ``bomb-N``: 10 zips of 10 files of N MiB of zeros, EICAR in the last
+  (``bomb-100`` is the issue's 10 GB zip; it takes about 20 s to build).
 
 Each line gives the exit status of ``miltermonkey try`` (0 delivered, 4
 tempfail, 5 refused), its verdict line and the ``X-Virus-Status`` it would
@@ -48,6 +50,7 @@ BUILDERS: dict[str, Callable[[int], bytes]] = {
     "parts": samples.many_parts,
     "zip": samples.nested_zip_message,
     "zip0": lambda depth: samples.nested_zip_message(depth, stored=True),
+    "bomb": samples.zip_bomb_message,
 }
 
 

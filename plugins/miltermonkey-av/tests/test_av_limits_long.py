@@ -9,15 +9,12 @@ it seconds per message, and the 10 GB zip takes seconds to build.
 
 from __future__ import annotations
 
-import base64
-import io
 import os
 import time
-import zipfile
 
 import pytest
 from av_helpers import CLAMD_DECIDES, assert_refused_for_limits, brain_on, run
-from miltermonkey_av.testing import EICAR, Clamd
+from miltermonkey_av.testing import Clamd
 from miltermonkey_av.testing import samples as av_samples
 
 pytestmark = [
@@ -25,9 +22,6 @@ pytestmark = [
     pytest.mark.skipif(os.environ.get("MILTERMONKEY_LONG", "") not in ("1", "yes", "true"),
                        reason="a long run: MILTERMONKEY_LONG=1 (nox -s long)"),
 ]
-
-MIB = 1024 * 1024
-
 
 @pytest.mark.parametrize("count", [10_000, 50_000])
 def test_clamd_refuses_eicar_after_many_parts_by_its_max_files(count: int, clamd: Clamd) -> None:
@@ -40,28 +34,7 @@ def test_clamd_refuses_eicar_after_many_parts_by_its_max_files(count: int, clamd
 @pytest.fixture(scope="module")
 def zip_bomb() -> bytes:
     """The issue's nested zip: 10 zips of 10 files of 100 MB (zeros), EICAR in the last zip."""
-    zeros = bytes(100 * MIB)
-
-    def inner(with_eicar: bool) -> bytes:
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-            for i in range(10):
-                z.writestr(f"file{i}.bin", zeros)
-            if with_eicar:
-                z.writestr("eicar.com", EICAR)
-        return buf.getvalue()
-
-    plain, last = inner(False), inner(True)
-    outer = io.BytesIO()
-    with zipfile.ZipFile(outer, "w", zipfile.ZIP_DEFLATED) as z:
-        for i in range(9):
-            z.writestr(f"inner{i}.zip", plain)
-        z.writestr("inner9.zip", last)
-    return (b"From: alice@example.org\r\nTo: bob@example.net\r\nSubject: 10 GB\r\n"
-            b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"z\"\r\n\r\n"
-            b"--z\r\nContent-Type: application/zip; name=bomb.zip\r\n"
-            b"Content-Transfer-Encoding: base64\r\n\r\n"
-            + base64.encodebytes(outer.getvalue()).replace(b"\n", b"\r\n") + b"--z--\r\n")
+    return av_samples.zip_bomb_message(100)
 
 
 def test_the_zip_bomb_is_refused_by_the_walk(zip_bomb: bytes, plain_clamd: Clamd) -> None:

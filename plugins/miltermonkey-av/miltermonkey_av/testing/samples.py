@@ -54,6 +54,7 @@ __all__ = [
     "nested_zip_message",
     "sample",
     "signature_files",
+    "zip_bomb_message",
 ]
 
 #: The 68-byte EICAR anti-virus test string, split so that no scanner on a
@@ -366,6 +367,29 @@ def nested_zip_message(depth: int, *, stored: bool = False, decoy: bytes = b"") 
     m.set_content("archive attached\n")
     m.add_attachment(nested_zip(depth, stored=stored, decoy=decoy), maintype="application",
                      subtype="zip", filename="level1.zip")
+    return _bytes(m)
+
+
+def zip_bomb_message(member_mib: int = 100, *, zips: int = 10, files: int = 10) -> bytes:
+    """The issue's nested zip: *zips* zips of *files* files of *member_mib* MiB of zeros each,
+    EICAR as one more file of the last zip (10 x 10 x 100 MB: 10 GB, 28 kB zipped).
+
+    Building the default takes about 20 s (a hundred 100 MiB compressions).
+    """
+    zeros = bytes(member_mib * 1024 * 1024)
+
+    def inner(with_eicar: bool) -> bytes:
+        files_in = {f"file{i}.bin": zeros for i in range(files)}
+        if with_eicar:
+            files_in["eicar.com"] = EICAR
+        return _zip(files_in)
+
+    plain = inner(False)
+    outer = {f"inner{i}.zip": plain for i in range(zips - 1)}
+    outer[f"inner{zips - 1}.zip"] = inner(True)
+    m = _base(f"{zips} x {files} x {member_mib} MiB", msgid="<zip.bomb@example.org>")
+    m.set_content("archive attached\n")
+    m.add_attachment(_zip(outer), maintype="application", subtype="zip", filename="bomb.zip")
     return _bytes(m)
 
 
