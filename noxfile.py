@@ -144,9 +144,11 @@ def long(session: nox.Session) -> None:
     session.run("pytest", "-s", "tests/test_reliability_postfix.py", "tests/test_fuzz.py",
                 "tests/test_reliability.py::test_no_leak_over_many_messages",
                 "tests/test_metrics_postfix.py",
-                "plugins/miltermonkey-av/tests/test_av_limits_long.py", *session.posargs,
+                "plugins/miltermonkey-av/tests/test_av_limits_long.py",
+                "tests/test_connection_drill.py", *session.posargs,
                 env={"MILTERMONKEY_LONG": "1", "MILTERMONKEY_FAULT_REPORT": "faults.json",
-                     "MILTERMONKEY_FUZZ_REPORT": "fuzz.json"})
+                     "MILTERMONKEY_FUZZ_REPORT": "fuzz.json",
+                     "MILTERMONKEY_DRILL_REPORT": "drill.json"})
 
 
 @nox.session
