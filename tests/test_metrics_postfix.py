@@ -50,7 +50,10 @@ def test_counters_match_the_sink_through_a_reload_and_a_worker_restart(
     port = free_port()
     spamd_host, spamd_port = spamd_server.address
     brains = [{"use": "av", "clamd": [f"tcp:127.0.0.1:{clamd_server.tcp_address[1]}"]},
-              {"use": "spam", "servers": [f"{spamd_host}:{spamd_port}"], "reject_score": 100}]
+              # cache_ttl 0: the clean mail is one message again and again, and every
+              # message must reach spamd for the call counters below
+              {"use": "spam", "servers": [f"{spamd_host}:{spamd_port}"], "reject_score": 100,
+               "cache_ttl": 0}]
     with MonkeyProcess(tmp_path / "mm", brains, {"metrics": f"127.0.0.1:{port}",
                                                  "debug_level": 10}) as m:
         postfix_stack.use_milters(m.postfix_spec)
