@@ -113,7 +113,7 @@ class SpamBrain(Brain):
             self.independent = False
         #: The spamd that answered last (see :func:`.cachekey.engine_identity`);
         #: None until the first answer, and until then nothing is cached.
-        self.engine: str | None = None
+        self.spamd_identity: str | None = None
         self._answer_options = answer_options(options)
         self._warn_about_timeouts(monkey)
 
@@ -223,7 +223,7 @@ class SpamBrain(Brain):
         except SpamdError as e:
             self._engine_error(message, ctx, monkey, e, notes)
             return
-        self.engine = engine_identity(result)
+        self.spamd_identity = engine_identity(result)
         self._apply(message, ctx, monkey, result, notes)
 
     # --- the scan cache -------------------------------------------------------------------
@@ -252,7 +252,7 @@ class SpamBrain(Brain):
         not part of it: spamd never sees them, so one body sent to many
         recipients in many transactions is scanned once.
         """
-        engine = self.engine
+        engine = self.spamd_identity
         if engine is None:
             return None
         o = self.options

@@ -45,7 +45,7 @@ def answer(checker: str = "SpamAssassin 4.0.1 (2024-03-25) on mx1", required: st
 def brain(**options: Any) -> SpamBrain:
     """A spam brain that has already had one answer from spamd (its version is known)."""
     b = SpamBrain(SpamOptions(**{"servers": [DEAD], **options}), Monkey(), "spam")
-    b.engine = engine_identity(answer())
+    b.spamd_identity = engine_identity(answer())
     return b
 
 
@@ -125,13 +125,13 @@ def test_the_spamd_that_answers_is_part_of_the_key() -> None:
     b = brain()
     m = message()
     before = key(b, m)
-    b.engine = engine_identity(answer("SpamAssassin 4.0.1 (2024-03-25) on mx2"))
+    b.spamd_identity = engine_identity(answer("SpamAssassin 4.0.1 (2024-03-25) on mx2"))
     assert key(b, m) == before  # another host of the same farm
     for other in (answer("SpamAssassin 4.0.2 (2025-01-01) on mx1"),  # an upgrade
                   answer(required="6.0"),  # required_score changed
                   answer("SpamAssassin 4.0.1 (2024-03-25) on mx1", "5.0",
                          ("X-Spam-Rules-Version", "1916391"))):  # rules version, if shown
-        b.engine = engine_identity(other)
+        b.spamd_identity = engine_identity(other)
         assert key(b, m) != before
 
 
@@ -146,7 +146,7 @@ def test_engine_identity_reads_version_rules_and_required() -> None:
 
 def test_nothing_is_cached_before_spamd_has_answered_once() -> None:
     b = SpamBrain(SpamOptions(servers=[DEAD]), Monkey(), "spam")
-    assert b.engine is None and b.cache_key(message()) is None
+    assert b.spamd_identity is None and b.cache_key(message()) is None
 
 
 def test_messages_the_brain_will_not_scan_have_no_key() -> None:
@@ -218,7 +218,7 @@ def test_unchecked_results_are_not_cached() -> None:
         for options in ({"servers": [down.address], "cooldown": 0},
                         {"servers": [down.address], "max_size": 100}):
             b = SpamBrain(SpamOptions(**options), Monkey(), "spam")
-            b.engine = engine_identity(answer())
+            b.spamd_identity = engine_identity(answer())
             cache = MemoryCache()
             engine = Engine(chain_of(b), Monkey(), cache=cache)
             for qid in ("Q1", "Q2"):
