@@ -19,19 +19,20 @@ __all__ = ["Redis"]
 
 
 class Redis(ChildProcessPart):
-    """A private ``redis-server`` on ``127.0.0.1:port``."""
+    """A private ``redis-server`` on ``host:port`` (loopback unless a fleet gives its bridge)."""
 
     name = "redis"
     binaries = ("redis-server",)
     package = "redis-server"
 
-    def __init__(self, state_dir: Path | str, port: int) -> None:
+    def __init__(self, state_dir: Path | str, port: int, host: str = "127.0.0.1") -> None:
         super().__init__(state_dir)
         self.port = port
+        self.host = host
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     @property
     def log_path(self) -> Path:
@@ -40,7 +41,7 @@ class Redis(ChildProcessPart):
     def ping(self) -> bool:
         """True when the server answers PING (the raw protocol: no client needed)."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+            with socket.create_connection((self.host, self.port), timeout=1) as s:
                 s.sendall(b"PING\r\n")
                 return s.recv(16).startswith(b"+PONG")
         except OSError:
@@ -51,9 +52,12 @@ class Redis(ChildProcessPart):
             return
         self._prepare_state_dir()
         self._check_port_free(self.port)
-        self._spawn([binary("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
+        self._spawn([binary("redis-server"), "--port", str(self.port), "--bind", self.host,
                      "--save", "", "--appendonly", "no", "--daemonize", "no",
-                     "--dir", str(self.state_dir), "--protected-mode", "yes"],
+                     "--dir", str(self.state_dir),
+                     # Off the loopback Redis refuses clients without a password unless
+                     # told otherwise; a fleet test's bridge is private to the test.
+                     "--protected-mode", "yes" if self.host == "127.0.0.1" else "no"],
                     self.log_path, cwd=self.state_dir)
         if not wait_until(lambda: self.ping() or not self.is_running(), self.start_timeout):
             self.stop()
