@@ -48,6 +48,13 @@ def zipped(size: int) -> bytes:
             + b64 + b"--XX--\r\n")
 
 
+def _hostile(after_boundary: bytes, lines: bytes) -> bytes:
+    """Lines that each look like they could matter (a boundary, a header) after one part."""
+    return (b"From: a@example.org\r\nSubject: hostile\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n" + after_boundary
+            + lines)
+
+
 CASES: list[tuple[str, Callable[[], bytes]]] = [
     ("2 KB, one attachment", lambda: attachment(1500)),
     ("50 KB, one attachment", lambda: attachment(38_000)),
@@ -58,6 +65,9 @@ CASES: list[tuple[str, Callable[[], bytes]]] = [
     ("50,000 parts (stops at 5,001)", lambda: av_samples.many_parts(50_000)),
     ("50 forwarded levels (stops at 13)", lambda: av_samples.nested_rfc822(50)),
     ("zip 20 deep (stops at 13)", lambda: av_samples.nested_zip_message(20)),
+    ("hostile: 25 MB of '--x' lines", lambda: _hostile(b"\r\n", b"--x\r\n" * 5_000_000)),
+    ("hostile: 24 MB of header lines in a part",
+     lambda: _hostile(b"", b"X-A: b\r\n" * 3_000_000)),
 ]
 
 

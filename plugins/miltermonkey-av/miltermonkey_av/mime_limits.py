@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import binascii
 import contextlib
+import functools
 import re
 from collections.abc import Iterable
 from typing import Final
@@ -80,6 +81,9 @@ MAX_LINE: Final = 64 * 1024
 #: Longest ``Content-Type`` (or transfer encoding) value read.  A longer one
 #: would hide a boundary, so it is reported as a limit, not cut short.
 MAX_FIELD: Final = 16 * 1024
+#: Content-Type and Content-Transfer-Encoding headers one part may carry
+#: (more than one is already odd; millions would make the walk slow).
+MAX_CONTENT_FIELDS: Final = 16
 
 
 def inspect(chunks: Iterable[bytes], *, max_depth: int = DEFAULT_MAX_DEPTH,
@@ -101,6 +105,7 @@ def inspect(chunks: Iterable[bytes], *, max_depth: int = DEFAULT_MAX_DEPTH,
     return walk.structure(None)
 
 
+# --- what a piece of content is -----------------------------------------------------------
 
 #: The first-line magics clamd's file typing (``daily.ftm``) takes for mail,
 #: matched without regard to case: content starting so is parsed as a message.
@@ -111,7 +116,6 @@ _MAIL_FIELDS: Final = frozenset({
     b"x-uidl", b"mime-version", b"content-type",
 })
 _FIELD_NAME: Final = re.compile(rb"([!-9;-~]{1,76})[ \t]*:")
-
 
 
 def looks_like_mail(first_line: bytes) -> bool:
@@ -148,6 +152,7 @@ def content_sink(walk: Walk, depth: int, is_part: bool, head: bytes) -> Sink:
     return DISCARD
 
 
+# --- MIME ---------------------------------------------------------------------------------
 
 _BOUNDARY: Final = re.compile(
     rb"""(?i)(?:^|;)\s*boundary\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]+))""")
@@ -156,6 +161,20 @@ _IDENTITY: Final = frozenset({b"", b"7bit", b"8bit", b"binary"})
 _B64_ALPHABET: Final = (b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
 _B64_JUNK: Final = bytes(c for c in range(256) if c not in _B64_ALPHABET)
 _HEADERS, _SKIP, _LEAF = 0, 1, 2
+#: In a header block, the lines that matter: Content-Type, Content-Transfer-Encoding,
+#: and any line that is neither a header field nor a continuation (the blank line
+#: that ends the block, a boundary, a body with no blank line before it).
+_HEADER_OF_NOTE: Final = re.compile(
+    rb"(?i)\n(?:content-(?:type|transfer-encoding)[ \t]*:|(?![!-9;-~]+[ \t]*:|[ \t]))")
+#: Inside a Content-Type that may go on: every line matters.
+_EVERY_LINE: Final = re.compile(rb"\n")
+
+
+@functools.lru_cache(maxsize=256)
+def _delimiter_lines(delimiters: tuple[bytes, ...]) -> re.Pattern[bytes]:
+    """A delimiter line of any of these multiparts, as RFC 2046 writes it (then checked again)."""
+    alternatives = b"|".join(re.escape(d[2:]) for d in delimiters)
+    return re.compile(rb"\n--(?:" + alternatives + rb")(?:--)?[ \t]*\r?\n")
 
 
 @attrs.define
@@ -166,6 +185,7 @@ class _Entity:
     content_types: list[bytearray] = attrs.field(factory=list)
     encoding: bytearray | None = None
     collecting: bytearray | None = None
+    content_fields: int = 0
 
 
 @attrs.define
@@ -244,18 +264,20 @@ class _MimeStream:
         pending = self.pending
         size = len(data)
         while start < size:
-            if not pending and self.state != _HEADERS and not data.startswith(b"--", start):
-                # A body: only a line starting with "--" can end it.  Hand the lines
-                # up to the next one to the leaf in one piece (or skip them), at C speed.
-                candidate = data.find(b"\n--", start) if self.frames else -1
-                end = candidate + 1 if candidate >= 0 else data.rfind(b"\n", start) + 1
-                if end > start:
-                    if self.state == _LEAF and self.leaf is not None:
-                        self.leaf.feed(data[start:end])
-                    start = end
-                if candidate < 0:
-                    break
-                continue
+            if start and not pending:
+                # Between the lines that matter, only C code runs: a pattern finds
+                # the next one (a delimiter in a body, a Content-Type or the end in a
+                # header block), and what lies before goes to the leaf in one piece.
+                pattern = self._next_line_that_matters()
+                if pattern is not _EVERY_LINE:
+                    m = pattern.search(data, start - 1) if pattern is not None else None
+                    end = m.start() + 1 if m else data.rfind(b"\n", start) + 1
+                    if end > start:
+                        if self.state == _LEAF and self.leaf is not None:
+                            self.leaf.feed(data[start:end])
+                        start = end
+                    if m is None:
+                        break
             nl = data.find(b"\n", start)
             if nl < 0:
                 break
@@ -275,6 +297,14 @@ class _MimeStream:
                 self.overflow = True
                 self._line(head, head)
                 self._overflow(rest)
+
+    def _next_line_that_matters(self) -> re.Pattern[bytes] | None:
+        """What finds the next line to look at: None when no later line matters."""
+        if self.state == _HEADERS:
+            return _EVERY_LINE if self.entity.collecting is not None else _HEADER_OF_NOTE
+        if not self.frames:
+            return None  # a single body to its end: only the leaf wants it
+        return _delimiter_lines(tuple(f.delimiter for f in self.frames))
 
     def _overflow(self, data: bytes) -> None:
         """More of a line longer than :data:`MAX_LINE`: content only a leaf wants."""
@@ -340,15 +370,18 @@ class _MimeStream:
         key = name.strip().lower()
         if key == b"content-type":
             field = bytearray()
-            if len(entity.content_types) < 8:
-                entity.content_types.append(field)
-            entity.collecting = field
+            entity.content_types.append(field)
         elif key == b"content-transfer-encoding":
             field = entity.encoding = bytearray()
-            entity.collecting = field
         else:
             entity.collecting = None
             return
+        entity.content_fields += 1
+        if entity.content_fields > MAX_CONTENT_FIELDS:
+            raise LimitReached(Exceeded(
+                "header", f"more than {MAX_CONTENT_FIELDS} Content-Type and "
+                          "Content-Transfer-Encoding headers in one part"))
+        entity.collecting = field
         self._collect(field, value)
 
     def _collect(self, field: bytearray, value: bytes) -> None:
