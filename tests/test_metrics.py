@@ -239,8 +239,8 @@ def test_status_prints_the_daemon_at_a_glance(monkey: MonkeyProcess) -> None:
     rows = {ln.split()[0]: ln.split() for ln in out.splitlines()
             if ln.startswith(("gate", "trivial"))}
     head = next(ln.split() for ln in out.splitlines() if ln.startswith("BRAIN"))
-    assert head == ["BRAIN", "CALLS", "PASS", "REJECT", "TEMPFAIL", "DISCARD", "SKIPPED",
-                    "ERRORS", "TIMEOUTS", "OPEN", "P50", "P99", "BREAKER"]
+    assert head == ["BRAIN", "CALLS", "PASS", "REJECT", "TEMPFAIL", "DISCARD", "CACHED",
+                    "SKIPPED", "ERRORS", "TIMEOUTS", "OPEN", "P50", "P99", "BREAKER"]
     assert rows["gate"][1:4] == ["8", "7", "1"] and rows["gate"][-1] == "closed"
     assert rows["gate-eval"][:5] == ["gate-eval", "(eval)", "7", "0", "7"]
     assert rows["trivial"][1:3] == ["7", "7"]
@@ -303,3 +303,27 @@ def test_key_reasons_become_bounded_labels() -> None:
     assert key_reason("bad MAC") == "bad_mac"
     assert key_reason("expired at 2026-01-01 (host mx1.example.test)") == "expired"
     assert key_reason("something new") == "other"
+
+
+def test_a_verdict_replayed_from_the_scan_cache_counts_as_the_brains_verdict() -> None:
+    from miltermonkey_core.contract.verdict import Action
+    from miltermonkey_core.engine.chain import BrainResult
+    from miltermonkey_core.engine.session import Decision
+    from miltermonkey_core.server.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics()
+
+    class NoMessage:
+        message = None
+
+    decision = Decision(None, None, [  # type: ignore[arg-type]
+        BrainResult("av", "cached", Action.CONTINUE, detail="age 3 s"),
+        BrainResult("spam", "ran", Action.CONTINUE, 0.2),
+        BrainResult("late", "something new")], 0.25)
+    metrics.message_done(NoMessage(), decision)  # type: ignore[arg-type]
+    snap = metrics.snapshot()
+    assert ["av", "cached", 1] in snap["brain_outcomes"]
+    assert ["av", "continue", 1] in snap["brain_verdicts"]
+    assert "av" not in snap["brain_latency"]  # no call, no time
+    assert ["late", "other", 1] in snap["brain_outcomes"]
+    assert snap["messages"] == {"accept": 1}

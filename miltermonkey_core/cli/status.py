@@ -6,7 +6,8 @@ the same configuration ``run`` uses (``-c``), or takes ``--url``.  What it
 prints follows ``md-mx-ctrl status`` and ``rspamc stat``: a few lines about
 the daemon (ready or not and why, uptime, configuration generation, the
 last reload), the message and connection totals, then one row per brain:
-calls, verdicts, skips, errors, timeouts, p50/p99 latency (estimated from
+calls, verdicts, answers from the scan cache, skips, errors, timeouts,
+p50/p99 latency (estimated from
 the histogram buckets, as Prometheus' ``histogram_quantile`` does) and the
 circuit breaker's state.
 
@@ -142,6 +143,7 @@ def brain_rows(m: Scrape) -> list[dict[str, str]]:
             "REJECT": _n(shown.get("reject", 0)),
             "TEMPFAIL": _n(shown.get("tempfail", 0)),
             "DISCARD": _n(shown.get("discard", 0)),
+            "CACHED": _n(results.get("cached", 0)),
             "SKIPPED": _n(sum(skips.values())),
             "ERRORS": _n(m.value("miltermonkey_brain_errors_total", brain=name)),
             "TIMEOUTS": _n(m.value("miltermonkey_brain_timeouts_total", brain=name)),

@@ -231,7 +231,8 @@ def _brain_families(s: Mapping[str, Any], names: list[str],
         results.add_metric([brain, outcome], n)
     yield results
     for key, name, doc in (
-            ("brain_verdicts", "brain_verdicts", "Verdicts of brains that ran, by kind"),
+            ("brain_verdicts", "brain_verdicts",
+             "Verdicts of brains that ran or were replayed from the scan cache, by kind"),
             ("brain_evaluation", "brain_evaluation_verdicts",
              "Would-be verdicts of brains in evaluation mode (never applied)")):
         c = _counter(name, doc, ["brain", "verdict"])

@@ -36,7 +36,7 @@ LATENCY_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
                                       0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 #: What a brain's eom_process came to (``BrainResult.outcome``).
-OUTCOMES = ("ran", "error", "timeout", "open", "skipped", "evaluation")
+OUTCOMES = ("ran", "error", "timeout", "open", "skipped", "evaluation", "cached")
 #: Verdict kinds (``Action`` values).
 ACTIONS = ("continue", "accept", "reject", "tempfail", "discard", "skip")
 #: The outcome of a whole message, as the MTA sees it.
@@ -147,6 +147,9 @@ class WorkerMetrics:
                 outcomes[k] = outcomes.get(k, 0) + 1
                 if outcome == "ran":
                     _bump(self.brain_verdicts, (brain, action.value))
+                elif outcome == "cached":  # a verdict replayed from the scan cache
+                    _bump(self.brain_verdicts, (brain, action.value))
+                    continue
                 elif outcome == "evaluation":
                     _bump(self.brain_evaluation, (brain, action.value))
                 elif outcome == "skipped":
