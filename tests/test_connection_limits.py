@@ -186,11 +186,16 @@ def test_connections_that_never_negotiate_lose_the_oldest_to_newcomers(
     m = monkey_daemon(daemon={"max_connections": 80})
     idle = [socket.create_connection(tcp(m), timeout=10) for _ in range(10)]
     try:
+        idle[0].sendall(b"\0\0\0")  # the oldest stopped inside a length prefix
         time.sleep(0.3)  # all ten are accepted before the eleventh
         idle.append(socket.create_connection(tcp(m), timeout=10))
         assert wait_closed(idle[0], 5) < 1.0
+        oldest = f"127.0.0.1:{idle[0].getsockname()[1]}"
         log_line(m, "10 connections have not negotiated; closing the oldest",
-                 f"(127.0.0.1:{idle[0].getsockname()[1]}, connected")
+                 f"({oldest}, connected")
+        time.sleep(0.3)
+        # one line for the eviction, none from the evicted connection's own end
+        assert sum(oldest in line for line in m.log().splitlines()) == 1, m.log()
         for s in idle[1:]:  # the newer ones stay
             s.settimeout(0.2)
             with pytest.raises(TimeoutError):

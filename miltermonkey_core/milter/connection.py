@@ -113,13 +113,13 @@ class MilterConnection:
         self.pending_error: str | None = None
         #: The body has started: a header or end of headers now is out of order.
         self.in_body = False
-        #: MAIL opened the current message; a step of a message before it is out
-        #: of order (when MAIL is negotiated at all), logged once per message.
-        self.mail_seen = False
-        self.order_warned = False
+        #: MAIL opened the message (a step before it is logged once per message).
+        self.mail_seen = self.order_warned = False
         #: The current session saw its CONNECT.
         self.connected = False
         self.closed = False
+        #: Closed by the server (evicted, or at shutdown), which logged it already.
+        self.aborted = False
 
     @property
     def qid(self) -> str:
@@ -138,9 +138,10 @@ class MilterConnection:
             log.warning("%s: closing the connection from %s: %s (%s)", self.qid, self.peer,
                         e, stage)
         except (p.FramingError, ProtocolViolation) as e:
-            log.warning("%s: closing the connection from %s: %s", self.qid, self.peer, e)
+            if not self.aborted:
+                log.warning("%s: closing the connection from %s: %s", self.qid, self.peer, e)
         except OSError as e:
-            if not self.closed:
+            if not self.closed and not self.aborted:
                 log.info("%s: connection from %s lost: %s", self.qid, self.peer, e)
         except Exception as e:
             log.error("%s: internal error on the connection from %s: %s: %s", self.qid,
@@ -273,6 +274,7 @@ class MilterConnection:
 
     def abort_connection(self) -> None:
         """Wake the connection's thread from another thread: its next read fails."""
+        self.aborted = True
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
