@@ -39,6 +39,10 @@ from miltermonkey_av.testing import samples as av_samples
 
 from miltermonkey_core.contract.model import message_from_bytes
 from miltermonkey_core.contract.verdict import Action
+from miltermonkey_core.engine.build import chain_of
+from miltermonkey_core.engine.offline import run_engine
+from miltermonkey_core.engine.session import Engine
+from miltermonkey_core.milterkey import KeyFields, KeyService
 from miltermonkey_core.testing.part import require_or_skip
 from miltermonkey_core.testing.process import free_port
 
@@ -249,6 +253,21 @@ def test_accept_tag_delivers_unscanned_never_clean(source: str, spelling: str,
     assert "not scanned to the end" in result.ctx.unchecked_brains["av"]
     [line] = [ln for ln in result.log if "not scanned to the end" in ln]
     assert f"{QID}: " in line and "limits_action accept-tag" in line
+
+
+def test_the_milter_key_never_says_av_ran_on_unscanned_mail(clamd: Clamd) -> None:
+    brain = brain_on(clamd, limits_action="accept-tag")
+    key = KeyService({"k1": bytes(range(32))}, hostname="mx.example.org")
+    engine = Engine(chain_of(brain), brain.monkey, key=key)
+    clean = run_engine(engine, av_samples.sample("clean-plain").raw, macros={"i": QID})
+    signed = clean.header("X-Milter-Key")
+    assert signed is not None and ("av", "continue") in KeyFields.parse(signed).ran
+    unscanned = run_engine(engine, av_samples.nested_rfc822(20), macros={"i": QID})
+    assert unscanned.header("X-Virus-Status") == "Unscanned (limits)"
+    value = unscanned.header("X-Milter-Key")
+    assert value is None or all(b != "av" for b, _ in KeyFields.parse(value).ran)
+    assert any("brain av not listed in the milter key: not scanned to the end" in line
+               for line in unscanned.log)
 
 
 def test_accept_tag_still_refuses_a_virus_the_engine_can_see(clamd: Clamd) -> None:
