@@ -11,9 +11,17 @@ import time
 
 import attrs
 
-from miltermonkey_core import Brain, Capability, Message, MilterContext, Monkey, Needs, Verdict
+from miltermonkey_core import (
+    Brain,
+    Capability,
+    Header,
+    Message,
+    MilterContext,
+    Monkey,
+    Needs,
+    Verdict,
+)
 from miltermonkey_core.contract.hookspecs import hookimpl
-from miltermonkey_core import Header
 
 
 @attrs.frozen(kw_only=True)
