@@ -149,6 +149,25 @@ def long(session: nox.Session) -> None:
                 env={"MILTERMONKEY_LONG": "1", "MILTERMONKEY_FAULT_REPORT": "faults.json",
                      "MILTERMONKEY_FUZZ_REPORT": "fuzz.json",
                      "MILTERMONKEY_DRILL_REPORT": "drill.json"})
+    session.notify("fleet")  # then the fleet drills (tests/fleet, figures in docs/deployment.md)
+
+
+@nox.session
+def fleet(session: nox.Session) -> None:
+    """Fleet drills (needs root): 3 monkey hosts in network namespaces behind HAProxy.
+
+    The test creates and removes its namespaces, bridge and processes itself;
+    figures go to fleet.json and into docs/deployment.md.
+    """
+    import tempfile
+
+    install_project(session)
+    # A base directory of its own (other pytest runs on the machine prune the
+    # shared one), in /tmp: clamd, running as clamav, writes its temporary files
+    # where TMPDIR says, and a nox tmp directory is root's.
+    base = tempfile.mkdtemp(prefix="miltermonkey-fleet-")
+    session.run("pytest", "-s", "tests/fleet", f"--basetemp={base}", *session.posargs,
+                env={"MILTERMONKEY_FLEET": "1", "MILTERMONKEY_FLEET_REPORT": "fleet.json"})
 
 
 @nox.session

@@ -41,6 +41,9 @@ apt-get install -y --no-install-recommends \
     clamav clamav-daemon clamdscan clamav-milter \
     spamassassin spamd spamc spamass-milter \
     redis-server
+# HAProxy balances milter sessions over the monkey hosts of nox -s fleet
+# (tests/fleet/); iproute2 gives the hosts their network namespaces.
+apt-get install -y --no-install-recommends haproxy iproute2
 
 # spamassassin's postinst imports the sa-update keys and leaves a gpg-agent
 # running for that keyring.  Stop exactly that agent, addressed by its

@@ -389,31 +389,41 @@ def send_load(port: int, run: str, items: Iterable[tuple[int, str, bytes]], *,
     lock = threading.Lock()
     finished = [0]
     t0 = time.monotonic()
+    #: Set when the caller is interrupted or fails: no new attempt starts.
+    cancel = threading.Event()
 
     def one(index: int, item: tuple[int, str, bytes]) -> None:
         seq, kind, raw = item
-        if rate:
-            time.sleep(max(0.0, t0 + index / rate - time.monotonic()))
+        if rate and cancel.wait(max(0.0, t0 + index / rate - time.monotonic())):
+            return
+        if cancel.is_set():
+            return
         outcome = Outcome(seq, kind)
         with lock:
             result.outcomes[seq] = outcome
         deadline = time.monotonic() + give_up_after
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not cancel.is_set():
             r = send_mail(port, raw, SENDER, [RECIPIENT], timeout=120.0)
             outcome.attempts.append(Attempt(seq, r.code, r.stage, r.text, time.monotonic()))
             if r.ok or 500 <= r.code < 600:
                 outcome.final = r
                 break
-            time.sleep(retry_pause)  # 4xx, or no answer at all: the MTA keeps it and retries
+            cancel.wait(retry_pause)  # 4xx, or no answer at all: the MTA keeps it and retries
         with lock:
             finished[0] += 1
             done = finished[0]
         if on_progress is not None:
             on_progress(done)
 
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(threads)
+    try:
         for f in [pool.submit(one, i, item) for i, item in enumerate(items)]:
             f.result()
+    except BaseException:
+        cancel.set()  # an interrupted drill must come down now, not after every retry
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     result.seconds = time.monotonic() - t0
     return result
 
