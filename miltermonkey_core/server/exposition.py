@@ -29,7 +29,6 @@ import platform
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-import attrs
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -39,52 +38,13 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from miltermonkey_core import __version__
+from miltermonkey_core.server.health import BREAKER_STATES, SupervisorFacts, not_ready_reasons
 from miltermonkey_core.server.metrics import LATENCY_BUCKETS, OUTCOMES
-
-#: Failure policies that refuse mail while the brain's engine is down.
-REFUSING_POLICIES = frozenset({"tempfail", "reject", "mta"})
-#: The circuit breaker's states, in the order of ``miltermonkey_brain_breaker``'s value.
-BREAKER_STATES = ("closed", "half-open", "open")
 
 PREFIX = "miltermonkey"
 
 
-@attrs.define
-class SupervisorFacts:
-    """What the supervisor knows that no worker does."""
-
-    started: float
-    worker_pid: int | None = None
-    worker_serving: bool = False
-    worker_started: float | None = None
-    restarts: int = 0
-    start_failures: int = 0
-    reloads_ok: int = 0
-    reloads_refused: int = 0
-    last_reload: float | None = None
-    last_reload_ok: bool | None = None
-    stopping: bool = False
-    draining: bool = False
-
-
-def not_ready_reasons(facts: SupervisorFacts, snapshot: Mapping[str, Any] | None) -> list[str]:
-    """Why the host is not ready (empty: ready); the rule is in the module doc."""
-    if facts.stopping:
-        return ["stopping (SIGTERM): draining"]
-    if not facts.worker_serving:
-        return ["no worker is serving yet"]
-    if snapshot is None:
-        return ["the worker did not answer"]
-    reasons = []
-    if snapshot.get("stopping"):
-        reasons.append("the worker is stopping")
-    for b in snapshot.get("brains", ()):
-        if b.get("breaker") == "open" and b.get("on_error") in REFUSING_POLICIES:
-            reasons.append(f"brain {b['name']}: circuit breaker open and on_error "
-                           f"{b['on_error']} would refuse mail")
-    return reasons
-
-
+#: Failure policies that refuse mail while the brain's engine is down.
 def _cumulative(buckets: list[int]) -> list[tuple[str, float]]:
     out, total = [], 0
     for bound, n in zip((*LATENCY_BUCKETS, float("inf")), buckets, strict=False):

@@ -10,8 +10,10 @@ them all.
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pwd
+import sys
 from typing import Any
 
 from miltermonkey_core.config.brain_options import build_brain_options
@@ -21,6 +23,7 @@ from miltermonkey_core.config.schema import Config
 from miltermonkey_core.errors import BrainLoadError, ConfigError, MonkeyError, config_problems
 from miltermonkey_core.milterkey.secrets import check_secret_file
 from miltermonkey_core.plugins import detect_local_engines, installed_brains, load_brain_class
+from miltermonkey_core.server.control import pack_config
 
 
 def load_fresh(current: Config) -> Config:
@@ -105,3 +108,31 @@ def problems_of(config: Config, *, environment: bool = False) -> list[MonkeyErro
     if environment:
         problems += environment_problems(config)
     return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m miltermonkey_core.server.preflight [PATH]``: the child of
+    :func:`~miltermonkey_core.server.childcheck.check_in_child`."""
+    args = sys.argv[1:] if argv is None else argv
+    installed = installed_brains()
+    try:
+        if args:
+            config = load_any(args[0], installed=installed)
+        else:
+            config = embedded_default(installed=installed,
+                                      detected=detect_local_engines(installed))
+        problems = [str(p) for p in problems_of(config)]
+    except MonkeyError as e:
+        found = config_problems(e) if isinstance(e, ConfigError) else [e]
+        print(json.dumps({"problems": [str(p) for p in found], "config": None}))
+        return 0
+    except Exception as e:  # a start script may raise anything
+        print(json.dumps({"problems": [f"{type(e).__name__}: {e}"], "config": None}))
+        return 0
+    print(json.dumps({"problems": problems,
+                      "config": None if problems else pack_config(config)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import selectors
 import signal
 import socket
@@ -61,18 +62,15 @@ from collections.abc import Mapping
 from typing import Any
 
 import attrs
-from prometheus_client.process_collector import ProcessCollector
-from prometheus_client.registry import CollectorRegistry
 
 from miltermonkey_core.config.endpoint import parse_connection
 from miltermonkey_core.errors import MonkeyError
 from miltermonkey_core.logs import ROOT, setup_logging
-from miltermonkey_core.server.control import pack_config, recv_frame, send_frame
-from miltermonkey_core.server.exposition import MonkeyCollector, SupervisorFacts, not_ready_reasons
-from miltermonkey_core.server.httpd import HealthServer
+from miltermonkey_core.server.childcheck import check_in_child
+from miltermonkey_core.server.control import pack_config, recv_frame, send_frame, unpack_config
+from miltermonkey_core.server.health import SupervisorFacts, not_ready_reasons
 from miltermonkey_core.server.notify import Notifier
 from miltermonkey_core.server.pidfile import remove_pidfile, write_pidfile
-from miltermonkey_core.server.preflight import load_fresh, problems_of
 from miltermonkey_core.server.sockets import remove_unix_socket
 
 log = logging.getLogger(f"{ROOT}.supervisor")
@@ -152,7 +150,7 @@ class Supervisor:
         self._pending_config: Any = None
         self.facts = SupervisorFacts(started=time.time())
         self.notifier = Notifier()
-        self.http: HealthServer | None = None
+        self.http: Any = None  # the HealthServer, when metrics is set
         self.failed_starts = 0  # in a row; reset when a worker is ready
         self.drain_until: float | None = None
         self.tick = time.monotonic()
@@ -329,20 +327,15 @@ class Supervisor:
             return
         log.info("SIGHUP: reloading the configuration")
         self.notifier.reloading()
-        try:
-            new = load_fresh(self.config)
-            problems = [str(p) for p in problems_of(new)]
-        except MonkeyError as e:
-            problems = [str(e)]
-        except Exception as e:  # a script config may raise anything
-            problems = [f"{type(e).__name__}: {e}"]
-        if problems:
+        checked, problems = check_in_child(self.config)
+        if problems or checked is None:
             for p in problems:
                 log.error("reload refused: %s", p)
             log.error("reload refused: the running configuration stays")
             self._reload_done(False)
             self.notifier.ready("serving: reload refused, the running configuration stays")
             return
+        new = checked
         if new.daemon.metrics != self.config.daemon.metrics:
             log.warning("reload: metrics changed; the endpoint stays on %s until a restart",
                         self.config.daemon.metrics)
@@ -454,6 +447,14 @@ class Supervisor:
         spec = self.config.daemon.metrics
         if not spec:
             return
+        # Only with an endpoint configured: prometheus_client and http.server
+        # would cost every supervisor about 11 MiB.
+        from prometheus_client.process_collector import ProcessCollector  # noqa: PLC0415 - memory
+        from prometheus_client.registry import CollectorRegistry  # noqa: PLC0415 - memory
+
+        from miltermonkey_core.server.exposition import MonkeyCollector  # noqa: PLC0415 - memory
+        from miltermonkey_core.server.httpd import HealthServer  # noqa: PLC0415 - memory
+
         registry = CollectorRegistry(auto_describe=False)
         registry.register(MonkeyCollector(self.current_facts, self.worker_stats))
         ProcessCollector(namespace="miltermonkey_worker", registry=registry,
@@ -584,3 +585,22 @@ def supervise(config: Any) -> int:
         return 1
 
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m miltermonkey_core.server.supervisor --config-fd FD``.
+
+    How ``miltermonkey run`` becomes the supervisor (:func:`~.main.exec_supervisor`).
+    """
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] != "--config-fd" or not args[1].isdigit():
+        print("usage: python -m miltermonkey_core.server.supervisor --config-fd FD "
+              "(started by 'miltermonkey run')", file=sys.stderr)
+        return 2
+    with os.fdopen(int(args[1]), "rb") as f:
+        config = unpack_config(f.read().decode("ascii"))
+    return supervise(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
