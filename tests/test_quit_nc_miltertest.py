@@ -8,9 +8,9 @@ Sendmail 8.14+ offers, honours the steps and replies the daemon negotiated
 away, and runs libmilter's documented connection reuse: a message, then
 QUIT_NC (with or without ABORT before it, after an accepted or a rejected
 message), then a new CONNECT and a message on the same socket, which must be
-answered.  The previous release (libmilter) answered nothing after the
-QUIT_NC that followed an accepted message without ABORT: the MTA waited for
-its timeout.
+answered.  The previous release (libmilter, over TCP) answered nothing
+after QUIT_NC, with or without ABORT before it: the MTA waited for its
+timeout.
 """
 
 from __future__ import annotations
