@@ -198,6 +198,18 @@ def test_signed_entries_refuse_tampering() -> None:
     assert EntryCodec(b"z" * 32).decode(key, entry) is None  # another secret
 
 
+def test_a_secret_rotation_keeps_entries_from_hosts_already_rotated() -> None:
+    """Host A signs with the new secret; host B, not yet switched, trusts both."""
+    old, new = b"o" * 32, b"n" * 32
+    key = cache_key("av", "1", [b"x"])
+    result = CachedResult((("replace_header", ("X", "clean"), {}),), 1.0, 2.0)
+    rotated, pending = EntryCodec(new, trusted=[old, new]), EntryCodec(old, trusted=[old, new])
+    assert pending.decode(key, rotated.encode(key, result)) == result
+    assert rotated.decode(key, pending.encode(key, result)) == result
+    # A secret taken out of the trusted list is not trusted any more.
+    assert EntryCodec(new).decode(key, pending.encode(key, result)) is None
+
+
 # --------------------------------------------------------------------------------------
 # Overlap: engine calls together, results in config order
 # --------------------------------------------------------------------------------------

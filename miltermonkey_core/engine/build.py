@@ -116,7 +116,7 @@ def make_cache(config: Config) -> ScanCache | None:
     # redis-py is only needed, and only imported, when a Redis cache is configured.
     from miltermonkey_core.engine.cache_redis import RedisCache  # noqa: PLC0415 - optional dependency
 
-    return RedisCache(d.cache, secret)
+    return RedisCache(d.cache, secret, trusted=secrets.values())
 
 
 def chain_of(*brains: Brain) -> Chain:

@@ -85,20 +85,27 @@ class ScanCache(Protocol):
 
 
 class EntryCodec:
-    """Serialises entries and signs them: ``mac(32) | created,expires(16) | journal``."""
+    """Serialises entries and signs them: ``mac(32) | created,expires(16) | journal``.
 
-    def __init__(self, secret: bytes) -> None:
+    Entries are signed with ``secret`` and accepted when any of ``trusted``
+    signed them: while a new secret is rolled out host by host, entries
+    written by hosts already signing with it stay good on the others.
+    """
+
+    def __init__(self, secret: bytes, trusted: Iterable[bytes] = ()) -> None:
         self.secret = secret
+        self.trusted = (secret, *(t for t in trusted if t != secret))
 
     def encode(self, key: bytes, result: CachedResult) -> bytes:
         body = _STAMP.pack(result.created, result.expires) + dump_calls(result.calls)
         return hmac.new(self.secret, key + body, hashlib.sha256).digest() + body
 
     def decode(self, key: bytes, data: bytes) -> CachedResult | None:
-        """The entry, or None when its signature does not verify (a forged or stale entry)."""
+        """The entry, or None when no trusted secret signed it (forged, or a stale secret)."""
         mac, body = data[:32], data[32:]
-        want = hmac.new(self.secret, key + body, hashlib.sha256).digest()
-        if len(mac) != 32 or not hmac.compare_digest(mac, want):
+        if len(mac) != 32 or not any(
+                hmac.compare_digest(mac, hmac.new(s, key + body, hashlib.sha256).digest())
+                for s in self.trusted):
             return None
         created, expires = _STAMP.unpack_from(body)
         return CachedResult(tuple(load_calls(body[_STAMP.size:])), created, expires)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import redis
@@ -33,10 +34,10 @@ PREFIX = b"mm:scan:"
 class RedisCache:
     """A :class:`~miltermonkey_core.engine.cache.ScanCache` in Redis."""
 
-    def __init__(self, url: str, secret: bytes, *, timeout: float = 0.05,
-                 retry_after: float = 5.0, client: Any = None) -> None:
+    def __init__(self, url: str, secret: bytes, *, trusted: Iterable[bytes] = (),
+                 timeout: float = 0.05, retry_after: float = 5.0, client: Any = None) -> None:
         self.url = url
-        self.codec = EntryCodec(secret)
+        self.codec = EntryCodec(secret, trusted)
         self.timeout = timeout
         self.retry_after = retry_after
         self.stats = CacheStats()

@@ -138,6 +138,7 @@ def worker_families(s: Mapping[str, Any]) -> Iterator[Metric]:
         c.add_metric([reason], n)
     yield c
     yield from _connection_families(s)
+    yield from _cache_families(s)
     yield from _brain_families(s, names, brains)
 
 
@@ -161,6 +162,21 @@ def _connection_families(s: Mapping[str, Any]) -> Iterator[Metric]:
                             value=s.get("connections_open", 0))
     yield GaugeMetricFamily(f"{PREFIX}_connections_max", "The connection cap in force",
                             value=s.get("max_connections", 0))
+
+
+def _cache_families(s: Mapping[str, Any]) -> Iterator[Metric]:
+    """The scan cache's lookups (labels: a fixed set of results)."""
+    st = s.get("cache")
+    if not st:
+        return
+    c = _counter("cache_lookups", "Scan cache lookups by result (forged: a bad signature; "
+                 "error: the backend failed: both are misses)", ["result"])
+    for result in ("hits", "misses", "forged", "errors"):
+        c.add_metric([result.rstrip("s") if result != "misses" else "miss"], st.get(result, 0))
+    yield c
+    c = _counter("cache_stores", "Results stored in the scan cache")
+    c.add_metric([], st.get("stores", 0))
+    yield c
 
 
 def _brain_families(s: Mapping[str, Any], names: list[str],

@@ -10,7 +10,8 @@ reloads and while a dead worker is being replaced.
 * ``/healthz``: liveness, 200 while the supervisor's loop runs.  A
   restarting worker does not fail it (the supervisor handles that, and
   gives up with a non-zero exit after ``restart_attempts``).
-* ``/readyz``: readiness for a load balancer, 200 or 503 with the reasons
+* ``/readyz``: readiness for a load balancer, 200; 404 while draining after
+  SIGTERM (HAProxy's ``http-check disable-on-404``); 503 with the reasons
   one a line (the rule is in :mod:`.exposition`).
 
 ``GET`` and ``HEAD`` are answered; a request has 10 s to arrive whole.
@@ -38,7 +39,7 @@ log = logging.getLogger(f"{ROOT}.http")
 REQUEST_TIMEOUT = 10.0
 
 INDEX = (b"MilterMonkey\n/metrics  Prometheus metrics\n/healthz  liveness\n"
-         b"/readyz   readiness (503 with the reasons when not ready)\n")
+         b"/readyz   readiness (404 draining, 503 not ready, with the reasons)\n")
 
 
 def split_host_port(spec: str) -> tuple[str, int]:
@@ -94,7 +95,11 @@ class _Handler(BaseHTTPRequestHandler):
                 reasons = owner.readiness()
                 body = ("ready\n" if not reasons else
                         "not ready\n" + "".join(f"{r}\n" for r in reasons)).encode()
-                self._reply(503 if reasons else 200, body, head=head)
+                # Draining answers 404: with HAProxy's ``http-check disable-on-404``
+                # the server goes into drain (no new sessions, the open ones go on)
+                # instead of down (which ``on-marked-down shutdown-sessions`` cuts).
+                draining = bool(reasons) and owner.draining()
+                self._reply(200 if not reasons else 404 if draining else 503, body, head=head)
             elif path == "/":
                 self._reply(200, INDEX, head=head)
             else:
@@ -116,11 +121,14 @@ class HealthServer:
     """Binds at :meth:`start` (a MonkeyError names the option) and serves on its own thread."""
 
     def __init__(self, spec: str, registry: CollectorRegistry, *,
-                 readiness: Callable[[], list[str]], live: Callable[[], bool]) -> None:
+                 readiness: Callable[[], list[str]], live: Callable[[], bool],
+                 draining: Callable[[], bool] = lambda: False) -> None:
         self.spec = spec
         self.registry = registry
         self.readiness = readiness
         self.live = live
+        #: True from SIGTERM until exit, while the listener still serves (drain_period).
+        self.draining = draining
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 

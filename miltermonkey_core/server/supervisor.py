@@ -459,7 +459,8 @@ class Supervisor:
         registry.register(MonkeyCollector(self.current_facts, self.worker_stats))
         ProcessCollector(namespace="miltermonkey_worker", registry=registry,
                          pid=lambda: self.worker.pid if self.worker is not None else "-")
-        self.http = HealthServer(spec, registry, readiness=self.readiness, live=self.live)
+        self.http = HealthServer(spec, registry, readiness=self.readiness, live=self.live,
+                                 draining=lambda: self.stopping)
         self.http.start()
 
     # --- main loop ---------------------------------------------------------------------

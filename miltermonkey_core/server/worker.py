@@ -41,6 +41,8 @@ def snapshot(daemon: Daemon) -> dict[str, Any]:
         connections_open=listener.open_connections,
         max_connections=listener.max_connections,
         listener=attrs.asdict(listener.stats),
+        cache=(dict(attrs.asdict(daemon.cache.stats), backend=type(daemon.cache).__name__)
+               if daemon.cache is not None else None),
         brains=[{"name": slot.name, "use": slot.use, "on_error": slot.on_error,
                  "mode": "evaluate" if slot.evaluation else "enforce",
                  "breaker": slot.breaker.state if slot.breaker.enabled else "closed",

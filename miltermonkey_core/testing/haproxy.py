@@ -12,9 +12,10 @@ and steers it over its admin socket (:meth:`HAProxy.servers`,
 Two health checks:
 
 * ``check="readyz"``: ``GET /readyz`` on each host's metrics port, 200 or
-  down.  The daemon answers 503 while it drains after SIGTERM, when its
-  worker does not answer, and when a brain that refuses mail on failure has
-  its circuit breaker open.
+  down.  The daemon answers 404 while it drains after SIGTERM
+  (``disable-on-404``: NOLB, open sessions go on), 503 when its worker does
+  not answer and when a brain that refuses mail on failure has its circuit
+  breaker open.
 * ``check="milter"``: a real milter handshake on the milter port (an
   SMFIC_OPTNEG packet, the reply must be SMFIC_OPTNEG of version 6): a
   plain TCP connect would pass for a hung daemon, the kernel still accepts.
@@ -192,6 +193,7 @@ class HAProxy(ChildProcessPart):
         if self.check == "readyz":
             lines += [
                 "    option httpchk GET /readyz",
+                "    http-check disable-on-404",
                 "    http-check expect status 200",
             ]
         else:

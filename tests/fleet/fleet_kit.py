@@ -147,7 +147,7 @@ class MonkeyHost:
         self.proc.wait(10)
 
     def terminate(self) -> None:
-        """SIGTERM: /readyz turns 503, the listener serves for drain_period, then it stops."""
+        """SIGTERM: /readyz turns 404 (draining), the listener serves drain_period, then stops."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
 
