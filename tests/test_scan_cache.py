@@ -221,16 +221,20 @@ class ThreadInvoker:
 
     handles: list[threading.Thread] = attrs.field(factory=list)
     errors: dict[int, BaseException] = attrs.field(factory=dict)
+    #: (brain, started, finished) in monotonic seconds, in the order brains finished.
+    spans: list[tuple[str, float, float]] = attrs.field(factory=list)
 
     def __call__(self, slot: BrainSlot, call: Callable[[], None], timeout: float) -> None:
         self.finish(slot, self.start(slot, call), timeout)
 
     def start(self, slot: BrainSlot, call: Callable[[], None]) -> object:
         def run() -> None:
+            started = time.monotonic()
             try:
                 call()
             except BaseException as e:
                 self.errors[id(t)] = e
+            self.spans.append((slot.name, started, time.monotonic()))
 
         t = threading.Thread(target=run)
         t.start()
@@ -248,7 +252,8 @@ class ThreadInvoker:
         pass
 
 
-def run_overlapped(e: Engine, message: bytes) -> tuple[Any, float]:
+def run_overlapped(e: Engine, message: bytes,
+                   invoker: ThreadInvoker | None = None) -> tuple[Any, float]:
     session = e.session()
     session.envfrom("<a@example.com>")
     session.envrcpt("<b@example.org>")
@@ -258,7 +263,7 @@ def run_overlapped(e: Engine, message: bytes) -> tuple[Any, float]:
     session.eoh()
     session.body(message.split(b"\r\n\r\n", 1)[1])
     t0 = time.perf_counter()
-    decision = session.eom(invoke=ThreadInvoker())
+    decision = session.eom(invoke=invoker or ThreadInvoker())
     return decision, time.perf_counter() - t0
 
 
@@ -271,6 +276,24 @@ def test_overlapped_brains_apply_in_config_order_when_the_later_finishes_first()
     assert [edit.brain for edit in decision.ctx.edits] == ["first", "second"]
     assert [h.name for h in decision.ctx.headers][-2:] == ["X-first", "X-second"]
     assert seconds < 0.65  # overlapped: about 0.4 s; one after the other: 0.7 s and more
+
+
+def test_overlap_false_runs_independent_brains_one_after_the_other() -> None:
+    first, second = Scanner("first"), Scanner("second")
+    first.delay = second.delay = 0.1
+    e = engine(first, second)
+    e.cache = None
+    e.settings.overlap = False
+    invoker = ThreadInvoker()
+    decision, _ = run_overlapped(e, raw(), invoker)
+    assert [edit.brain for edit in decision.ctx.edits] == ["first", "second"]
+    (name1, _, end1), (name2, start2, _) = invoker.spans
+    assert (name1, name2) == ("first", "second") and start2 >= end1
+    e.settings.overlap = True
+    invoker = ThreadInvoker()
+    run_overlapped(e, raw(), invoker)
+    (_, _, end1), (_, start2, _) = sorted(invoker.spans, key=lambda s: s[0])
+    assert start2 < end1  # the second started while the first still ran
 
 
 def test_an_earlier_final_verdict_drops_the_later_brains_result() -> None:

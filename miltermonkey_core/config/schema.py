@@ -106,6 +106,8 @@ class DaemonConfig:
                                   "seconds the rest of a packet may take once it has started")
     max_connections: int = _opt(0, integer(0, 1_000_000),
                                 "MTA connections served at once (0: from the open-file limit)")
+    overlap: bool = _opt(True, boolean,
+                         "start independent brains' engine calls together (false: one by one)")
     cache: str = _opt("memory", cache_target,
                       "scan cache: memory (in-process), redis://host:port/db, or off")
     cache_max_entries: int = _opt(10000, integer(1),

@@ -93,7 +93,8 @@ def build_engine(config: Config, cache: ScanCache | bool | None = True) -> Engin
     scan_cache = make_cache(config) if cache is True else None if cache is False else cache
     return Engine(chain, monkey,
                   EngineSettings(spool_threshold=d.spool_threshold, tmpdir=d.tmpdir,
-                                 max_message_size=d.max_message_size), key=key,
+                                 max_message_size=d.max_message_size,
+                                 overlap=d.overlap), key=key,
                   cache=scan_cache)
 
 

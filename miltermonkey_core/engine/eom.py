@@ -79,13 +79,15 @@ class EomRun:
 
     def __init__(self, chain: Chain, message: Message, ctx: MilterContext,
                  skipped: Mapping[str, str] | None, invoke: Invoker | None,
-                 deadline: float | None, cache: ScanCache | None) -> None:
+                 deadline: float | None, cache: ScanCache | None, *,
+                 overlap: bool = True) -> None:
         self.chain = chain
         self.message = message
         self.ctx = ctx
         self.skip = skipped or {}
         self.invoke = invoke or direct_invoke
-        self.overlap: Overlapping | None = invoke if hasattr(invoke, "start") else None  # type: ignore[assignment]
+        self.overlap: Overlapping | None = (
+            invoke if overlap and hasattr(invoke, "start") else None)  # type: ignore[assignment]
         self.deadline = deadline
         self.cache = cache
         self.qid = message.id

@@ -52,6 +52,8 @@ class EngineSettings:
     spool_threshold: int = 1024 * 1024
     tmpdir: str | None = None
     max_message_size: int = 0
+    #: Start independent brains' engine calls together (the daemon's ``overlap``).
+    overlap: bool = True
 
 
 class Engine:
@@ -257,7 +259,7 @@ class Session:
             for name in spared:
                 skips.setdefault(name, "key")
         outcome = EomRun(self.engine.chain, msg, ctx, skips, invoke, deadline,
-                         self.engine.cache).run()
+                         self.engine.cache, overlap=self.engine.settings.overlap).run()
         if outcome.tagged and outcome.verdict is None:
             ctx.begin("core")
             ctx.add_header(UNCHECKED_HEADER, ", ".join(outcome.tagged))
