@@ -509,3 +509,26 @@ def test_replacement_body_chunks_cover_it_whole(size: int, tmp_path: Path) -> No
     assert [len(c) for c in ReplaceBody(data, "b").chunks(1000)][:1] == ([1000] if size >= 1000
                                                                           else [size] if size
                                                                           else [])
+
+
+def test_rollback_before_any_brain_undoes_nothing() -> None:
+    ctx = ctx_for()
+    ctx.add_header("X-Core", "1")
+    assert ctx.rollback() == []
+    assert ctx.edits == [AddHeader("X-Core", "1", "core")]
+
+
+def test_change_header_keeps_the_spelling_of_the_copy_it_changes() -> None:
+    raw = b"X-Tag: one\r\nx-tag: two\r\nX-TAG: three\r\n\r\nbody\r\n"
+    for index, spelled in ((1, "X-Tag"), (2, "x-tag"), (3, "X-TAG")):
+        ctx = ctx_for(raw)
+        ctx.change_header("X-Tag", "new", index)
+        assert [(h.name, h.value) for h in ctx.headers][index - 1] == (spelled, "new")
+
+
+def test_replace_body_is_recorded_for_its_brain() -> None:
+    ctx = ctx_for()
+    ctx.begin("av")
+    ctx.replace_body(b"notice\r\n")
+    ctx.end()
+    assert ctx.edits == [ReplaceBody(b"notice\r\n", "av")]

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import re
+import socket
 import stat
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,8 +21,9 @@ import pytest
 
 from miltermonkey_core import Brain, Message, MilterContext, Monkey, Needs, hookimpl
 from miltermonkey_core.cli.key import add_key_commands
+from miltermonkey_core.config import loads
 from miltermonkey_core.contract.edits import AddHeader, ChangeHeader
-from miltermonkey_core.contract.model import message_from_bytes
+from miltermonkey_core.contract.model import Header, Headers, message_from_bytes
 from miltermonkey_core.contract.verdict import Action
 from miltermonkey_core.engine.build import chain_of
 from miltermonkey_core.engine.chain import BrainResult
@@ -31,13 +34,16 @@ from miltermonkey_core.milterkey import (
     KeyFields,
     KeyInspection,
     KeyService,
+    MalformedKey,
     Reason,
+    canonical_header_value,
     check_secret_file,
     generate_secret_file,
     load_secrets,
     mime_digest,
     normalize_message_id,
 )
+from miltermonkey_core.milterkey.fields import mid_tag
 from miltermonkey_core.testing import cleanup
 from miltermonkey_core.testing.replies import Disposition, Reply
 
@@ -291,8 +297,6 @@ def test_malformed_values_are_refused() -> None:
 
 
 def _config(secret_file: Path, **daemon: Any) -> Any:
-    from miltermonkey_core.config import loads
-
     lines = ["[miltermonkey]", f'miltersecretfile = "{secret_file}"', "milter_key = true"]
     for k, v in daemon.items():
         lines.append(f"{k} = {v!r}".replace("'", '"'))
@@ -786,3 +790,328 @@ def test_unchecked_is_rolled_back_with_a_failing_brain() -> None:
     ctx.unchecked("spamd down")
     ctx.rollback()
     assert ctx.unchecked_brains == {}
+
+
+# --- the encodings, as docs/milter-key.md writes them down -----------------------------------
+
+
+def _documented_bound_digest(headers: list[tuple[str, str]]) -> bytes:
+    """The bound headers' digest computed from the docs, not from the code."""
+    def lp(b: bytes) -> bytes:
+        return len(b).to_bytes(4, "big") + b
+
+    out = lp(b"MilterMonkey bound headers")
+    for name in ("MIME-Version", "Content-Type", "Content-Transfer-Encoding",
+                 "Content-Disposition"):
+        values = [v.replace("\r", "").replace("\n", "").strip(" \t").encode()
+                  for n, v in headers if n.lower() == name.lower()]
+        out += lp(name.lower().encode()) + lp(str(len(values)).encode())
+        out += b"".join(lp(v) for v in values)
+    return hashlib.sha256(out).digest()
+
+
+def test_bound_headers_digest_is_the_documented_encoding() -> None:
+    cases = [
+        [],
+        [("Subject", "x")],
+        [("MIME-Version", "1.0"), ("Content-Type", "text/plain")],
+        [("content-type", 'multipart/mixed;\n\tboundary="a  b" '), ("CONTENT-TYPE", ""),
+         ("Content-Disposition", "attachment; filename=x.exe"),
+         ("Content-Transfer-Encoding", " base64\t")],
+    ]
+    for headers in cases:
+        expected = _documented_bound_digest(headers)
+        assert mime_digest(Headers(Header.from_str(n, v) for n, v in headers)) == expected
+
+
+def test_canonical_header_value() -> None:
+    assert canonical_header_value("text/plain") == b"text/plain"
+    assert canonical_header_value(' \tmultipart/mixed;\r\n\tboundary="a  b" \t') == \
+        b'multipart/mixed;\tboundary="a  b"'
+    assert canonical_header_value("a\n b") == b"a b"
+    # only spaces and tabs are trimmed: other control characters are part of the value
+    assert canonical_header_value("text/plain\x0c") == b"text/plain\x0c"
+    assert canonical_header_value("\x0btext/plain") == b"\x0btext/plain"
+    assert canonical_header_value("XtypeX") == b"XtypeX"
+    assert canonical_header_value("caf\udce9") == b"caf\xe9"  # 8-bit bytes as they came
+
+
+def test_mid_fingerprint_is_the_documented_one() -> None:
+    for mid in ("<m1@example.org>", "<caf\udce9@example.org>"):
+        raw = mid.encode("utf-8", "surrogateescape")
+        expected = base64.urlsafe_b64encode(hashlib.sha256(b"mid\x00" + raw).digest()[:6])
+        assert mid_tag(mid) == expected.decode()
+
+
+def test_an_eight_bit_message_id_signs_and_verifies() -> None:
+    raw = RAW.replace(b"<m1@example.org>", b"<caf\xe9@example.org>")
+    svc = service()
+    value = key_for(svc, raw)
+    assert reason_of(svc, raw, value) is None
+    got = reason_of(svc, RAW, value)
+    assert got is not None and got.startswith(Reason.WRONG_MESSAGE)
+
+
+@pytest.mark.parametrize("name", ["X-Milter-Key", "X-K", "X-A-Much-Longer-Key-Header-Name"])
+@pytest.mark.parametrize("brains", [2, 7, 23])
+def test_folding_fills_each_line_up_to_76_columns(name: str, brains: int) -> None:
+    ran = tuple((f"brain-{i:02d}", "continue" if i % 3 else "accept") for i in range(brains))
+    fields = service().sign(ran, "<m1@example.org>", bytes(32), bytes(32))
+    lines = fields.format(name).split("\n\t")
+    prefixes = [len(name) + 2] + [1] * (len(lines) - 1)  # "Name: ", then the tab
+    for i, (line, prefix) in enumerate(zip(lines, prefixes, strict=True)):
+        assert prefix + len(line) <= 76, (i, line)
+        if i + 1 < len(lines):
+            following = re.split(r"(?<=,)|(?<=;) ", lines[i + 1])[0]
+            sep = "" if line.endswith(",") else " "
+            assert prefix + len(line) + len(sep) + len(following) > 76, (line, following)
+    assert "".join(lines).replace(" ", "") == \
+        "".join(f"{t}={v};" for t, v in fields.items()).rstrip(";").replace(" ", "")
+    assert fields.format() == fields.format("X-Milter-Key")
+
+
+def _bad(value: str) -> str:
+    with pytest.raises(MalformedKey) as e:
+        KeyFields.parse(value)
+    return str(e.value)
+
+
+def test_parse_says_what_is_wrong() -> None:
+    value = key_for(service()).replace("\n\t", " ")
+    assert _bad("") == "empty"
+    assert _bad(" \t\r\n ") == "empty"
+    assert _bad("x" * 8193) == "longer than 8192 characters"
+    assert _bad("v=2" + " " * 8189) == \
+        "fields v; expected v,id,host,exp,bind,mid,ran,mac"
+    assert _bad("\x0b" + value) == "expected tag=value, got '\\x0bv=2'"
+    assert _bad("id=k1; " + value) == "does not start with the format version v="
+    assert _bad("v=9; id=k1") == "unsupported format version v='9'"
+    assert _bad("v=" + "9" * 41) == f"unsupported format version v='{'9' * 40}...'"
+    assert _bad("v=" + "9" * 40) == f"unsupported format version v='{'9' * 40}'"
+    assert _bad("v=2; id=k1") == "fields v,id; expected v,id,host,exp,bind,mid,ran,mac"
+    assert _bad(value.replace("bind=body", "bind=none")) == (
+        "fields v,id,host,exp,bind,mid,body,mime,ran,mac; expected "
+        "v,id,host,exp,bind,mid,ran,mac")
+    assert _bad(edit_field(value, "host", "h" * 41 + "!")) == f"bad host='{'h' * 40}...'"
+    assert _bad(edit_field(value, "ran", "av-continue")) == \
+        "bad ran entry 'av-continue': expected brain:verdict"
+    assert _bad(edit_field(value, "ran", "av:continue,av:accept")) == "brain av listed twice"
+
+
+def test_characters_around_a_key_are_not_ignored() -> None:
+    svc = service()
+    value = key_for(svc)
+    for changed in (value + "X", "X" + value, value + "\x0b", "\x0c" + value):
+        assert reason_of(svc, RAW, changed) is not None, changed
+    for ignored in (value + " \t", "\r\n " + value):
+        assert reason_of(svc, RAW, ignored) is None
+
+
+# --- KeyService's own checks and messages -----------------------------------------------------
+
+
+def test_service_refuses_bad_settings_with_reasons() -> None:
+    with pytest.raises(SecretError, match=r"^no milter key secret given$"):
+        KeyService({})
+    with pytest.raises(SecretError, match=r"^key_id 'k9' is not in the secret file \(it has: "
+                       r"a, b\); add it with `miltermonkey key generate --key-id k9` or fix "
+                       r"key_id$"):
+        KeyService({"a": SECRET1, "b": SECRET2}, signing_key="k9")
+    with pytest.raises(ValueError, match=r"^key_body_binding must be one of \('body', 'none'\), "
+                       r"not 'headers'$"):
+        KeyService({"a": SECRET1}, binding="headers")
+    with pytest.raises(ValueError, match=r"^hostname 'a b' cannot go in a milter key$"):
+        KeyService({"a": SECRET1}, hostname="a b")
+    with pytest.raises(ValueError, match=r"^content-type cannot hold a milter key: the key binds "
+                       r"that header$"):
+        KeyService({"a": SECRET1}, alternate_headers=["X-Relay-Key", "Content-Type"])
+    assert KeyService({"a": SECRET1}).hostname == "localhost"
+    svc = KeyService({"a": SECRET1}, alternate_headers=["X-A", "X-B", "x-a", "x-milter-KEY"])
+    assert svc.header_names == ("X-Milter-Key", "X-A", "X-B")
+
+
+def test_a_bound_header_cannot_be_the_key_header_in_the_config(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    generate_secret_file(path, "k1")
+    with pytest.raises(ConfigError) as e:
+        KeyService.from_config(_config(path, milterkeyheader="MIME-Version"))
+    assert e.value.key == "milterkeyheader"
+    assert "MIME-Version cannot hold a milter key: the key binds that header" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        KeyService.from_config(_config(path, alternate_key_header=["X-Ok", "content-disposition"]))
+    assert e.value.key == "alternate_key_header"
+    assert "content-disposition cannot hold a milter key" in str(e.value)
+
+
+def test_from_config_takes_each_brains_expiration(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    generate_secret_file(path, "k1")
+    config = loads(f'[miltermonkey]\nmilter_key = true\nmiltersecretfile = "{path}"\n'
+                   '[[brain]]\nuse = "av"\nexpiration = "1d"\n[[brain]]\nuse = "spam"\n')
+    svc = KeyService.from_config(config)
+    assert svc.expirations == {"av": DAY}
+    assert svc.lifetime(["av", "spam"]) == DAY
+
+
+@pytest.mark.parametrize(("fqdn", "name"), [
+    ("Mx1.Example.ORG", "Mx1.Example.ORG"),
+    ("._-mx 1!.example.", "mx-1-.example."),
+    ("\xc4\xd6", "localhost"),
+    ("", "localhost"),
+    ("h" * 300, "h" * 253),
+])
+def test_hostname_from_the_fqdn_is_made_fit_for_a_key(
+        fqdn: str, name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "secret"
+    generate_secret_file(path, "k1")
+    monkeypatch.setattr(socket, "getfqdn", lambda: fqdn)
+    assert KeyService.from_config(_config(path)).hostname == name
+
+
+def test_a_configured_hostname_that_cannot_go_in_a_key_names_the_setting(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    generate_secret_file(path, "k1")
+    with pytest.raises(ConfigError) as e:
+        KeyService.from_config(_config(path, hostname="mx1;evil"))
+    assert e.value.key == "hostname"
+    assert "'mx1;evil' cannot go in a milter key: use letters, digits, '.', '_' and '-' only" \
+        in str(e.value)
+
+
+def test_check_judges_at_the_instant_it_is_given() -> None:
+    svc = service()  # its clock says NOW
+    m = msg(RAW)
+    value = key_for(svc)
+    args = (value, normalize_message_id(m.headers), m.body.sha256(), mime_digest(m.headers))
+    expiry = NOW + 432000
+    assert svc.check(*args, NOW)[1] is None
+    assert svc.check(*args, expiry + 300)[1] is None
+    assert svc.check(*args, expiry + 301)[1] == "expired 301 s ago"
+    # a key may be made at most max_lifetime (+ skew) ahead
+    assert svc.check(*args, expiry - 432000 - 300)[1] is None
+    assert svc.check(*args, expiry - 432000 - 301)[1] == (
+        "expiry too far in the future: 432301 s from now, more than the longest lifetime "
+        "here (432000 s)")
+
+
+def test_refusal_reasons_read_in_full() -> None:
+    svc = service()
+    value = key_for(svc)
+    unbound = key_for(service(binding="none"))
+    assert reason_of(svc, RAW, unbound) == \
+        "not bound to the body (bind=none) while key_body_binding = body here"
+    assert reason_of(svc, with_headers(RAW, ("Content-Type", "text/html")), value) == (
+        "wrong MIME headers: MIME-Version, Content-Type, Content-Transfer-Encoding, "
+        "Content-Disposition changed since the key was made, so the body reads differently")
+    assert reason_of(svc, RAW + b"x", value) == \
+        "wrong body: the body changed since the key was made"
+
+
+def test_skip_brains_adds_up_over_calls() -> None:
+    svc = service()
+    insp = inspect(svc, RAW, key_for(svc))
+    slot = attrs.make_class("S", {"name": attrs.field(), "skip_if_key": attrs.field()})
+    assert insp.skip_brains([slot("av", True), slot("spam", False)]) == {"av"}
+    assert insp.skip_brains([slot("spam", True), slot("other", True)]) == {"spam"}
+    assert insp.spared == {"av", "spam"}
+
+
+def test_inspect_records_each_header_and_logs_the_trusted_one(
+        caplog: pytest.LogCaptureFixture) -> None:
+    svc = service()
+    good = key_for(svc)
+    caplog.set_level("DEBUG", logger="miltermonkey")
+    m = msg(with_headers(RAW, ("X-Milter-Key", "v=2; bad"), ("x-milter-key", good)))
+    insp = svc.inspect(m)
+    assert [(c.header, c.index, c.value, c.trusted) for c in insp.checks] == [
+        ("X-Milter-Key", 1, "v=2; bad", False), ("x-milter-key", 2, good, True)]
+    assert m.notes["_mm_key"] is insp
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{m.id}: trusted milter key in x-milter-key #2: key k1 from mx1.example.org, "
+        "ran av,spam"]
+
+
+# --- finish(): what it lists, what it logs ----------------------------------------------------
+
+
+def test_finish_inspects_by_itself_when_not_given_an_inspection() -> None:
+    svc = service()
+    m = msg(with_headers(RAW, ("X-Milter-Key", "v=2; forged")))
+    ctx = MilterContext(m)
+    svc.finish(m, ctx, _ran("av"), None)
+    out = _postfix_apply(m, ctx)
+    (value,) = [v for n, v in out if n == "X-Milter-Key"]
+    assert reason_of(svc, RAW, value) is None
+    assert isinstance(m.notes["_mm_key"], KeyInspection)
+
+
+def test_finish_logs_what_it_did(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG", logger="miltermonkey")
+    m, ctx = _finish(service(), RAW, _ran("av", "spam"))
+    (value,) = [e.value for e in ctx.edits if isinstance(e, AddHeader)]
+    assert [r.getMessage() for r in caplog.records if "added" in r.getMessage()] == [
+        f"{m.id}: milter key k1 added: ran av:continue,spam:continue, expires {NOW + 432000}"]
+    assert KeyFields.parse(value).expiry == NOW + 432000
+    caplog.clear()
+    m, _ = _finish(service(), RAW, _ran("x", outcome="error"))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{m.id}: no brain ran: no milter key added"]
+    caplog.clear()
+    m, _ = _finish(service(), RAW.replace(b"Message-ID: <m1@example.org>\n", b""), _ran("av"))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{m.id}: no milter key added: the message has no single Message-ID"]
+
+
+def test_twenty_removals_are_all_logged_one_by_one(caplog: pytest.LogCaptureFixture) -> None:
+    raw = with_headers(RAW, *[("X-Milter-Key", f"v=2; forged {i}") for i in range(20)])
+    caplog.set_level("INFO", logger="miltermonkey")
+    _finish(service(), raw, _ran("av"))
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(lines) == 20 and all("removed untrusted milter key X-Milter-Key #" in x
+                                    for x in lines)
+
+
+def test_which_brains_a_key_lists(caplog: pytest.LogCaptureFixture) -> None:
+    svc = service()
+    inbound = key_for(svc, ran=(("av", "accept"), ("spam", "continue")))
+    m = msg(with_headers(RAW, ("X-Milter-Key", inbound)))
+    insp = svc.inspect(m)
+    slot = attrs.make_class("S", {"name": attrs.field(), "skip_if_key": attrs.field()})
+    insp.skip_brains([slot("av", True)])
+    ctx = MilterContext(m)
+    ctx.begin("early")
+    ctx.unchecked("engine down")
+    ctx.end()
+    results = [
+        BrainResult("early", "ran", Action.CONTINUE),       # could not judge: not listed
+        BrainResult("av", "skipped", Action.CONTINUE),      # spared: carried with its verdict
+        BrainResult("other", "skipped", Action.CONTINUE),   # skipped for another reason
+        BrainResult("named", "ran", "accept"),              # type: ignore[arg-type]
+        BrainResult("bad name", "ran", Action.CONTINUE),    # cannot go in a key
+        BrainResult("late", "ran", Action.CONTINUE),
+    ]
+    caplog.set_level("INFO", logger="miltermonkey")
+    ctx.begin("core")
+    svc.finish(m, ctx, results, insp)
+    ctx.end()
+    (value,) = [v for n, v in _postfix_apply(m, ctx) if n == "X-Milter-Key"]
+    assert KeyFields.parse(value).ran == (("av", "accept"), ("named", "accept"),
+                                          ("late", "continue"))
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"{m.id}: brain early not listed in the milter key: engine down" in messages
+    assert [x for x in messages if "cannot be listed" in x] == [
+        f"{m.id}: brain 'bad name' cannot be listed in a milter key (name of 1-64 letters, "
+        "digits, '.', '_', '-')"]
+
+
+def test_a_brain_that_ran_again_gets_a_fresh_lifetime() -> None:
+    """Only a claim carried forward keeps the inbound key's expiry."""
+    hop1 = service(now=NOW - DAY)
+    inbound = key_for(hop1, ran=(("av", "continue"), ("spam", "continue")))
+    hop2 = service()
+    m = msg(with_headers(RAW, ("X-Milter-Key", inbound)))
+    insp = hop2.inspect(m)  # trusted, but no brain has skip_if_key here
+    ctx = MilterContext(m)
+    hop2.finish(m, ctx, _ran("av", "spam"), insp)
+    (value,) = [v for n, v in _postfix_apply(m, ctx) if n == "X-Milter-Key"]
+    assert KeyFields.parse(value).expiry == NOW + 432000

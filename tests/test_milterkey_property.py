@@ -69,7 +69,7 @@ def canonical(value: str) -> str:
 
 
 def trusted(binding: str, value: str) -> bool:
-    _, reason = SERVICES[binding].check(value, MID, DIGEST, HEADERS)
+    _, reason = SERVICES[binding].check(value, MID, DIGEST, HEADERS, NOW)
     return reason is None
 
 
@@ -243,12 +243,12 @@ def test_random_text_never_verifies(value: str) -> None:
 def test_a_key_never_verifies_for_another_message_or_body() -> None:
     for binding, value in VALID.items():
         svc = SERVICES[binding]
-        assert svc.check(value, "<other@example.org>", DIGEST, HEADERS)[1] is not None
+        assert svc.check(value, "<other@example.org>", DIGEST, HEADERS, NOW)[1] is not None
         if binding == "body":
-            assert svc.check(value, MID, bytes(32), HEADERS)[1] is not None
-            assert svc.check(value, MID, DIGEST, bytes(32))[1] is not None
+            assert svc.check(value, MID, bytes(32), HEADERS, NOW)[1] is not None
+            assert svc.check(value, MID, DIGEST, bytes(32), NOW)[1] is not None
         else:
-            assert svc.check(value, MID, bytes(32), bytes(32))[1] is None
+            assert svc.check(value, MID, bytes(32), bytes(32), NOW)[1] is None
         parsed = KeyFields.parse(value)
         assert parsed.binding == binding
 

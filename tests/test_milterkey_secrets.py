@@ -13,6 +13,7 @@ import os
 import pwd
 import re
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -458,3 +459,83 @@ def test_generate_leaves_ownership_to_the_admin(private: Path) -> None:
     os.chown(private, NOBODY, -1)
     assert generate_secret_file(private / "miltersecret", "k2") == "k2"
     assert re.findall(r"^(k\d):", (private / "miltersecret").read_text(), re.M) == ["k1", "k2"]
+
+
+def test_a_permission_refusal_says_who_must_own_the_file(tmp_path: Path) -> None:
+    """Read as a user the file does not belong to (a child process that became nobody)."""
+    if not ROOT:
+        pytest.skip("becoming another user needs root")
+    secret = tmp_path / "miltersecret"
+    generate_secret_file(secret, "k1")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            try:
+                check_secret_file(secret)
+                os.write(write_end, b"no error")
+            except SecretError as e:
+                os.write(write_end, str(e).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        said = pipe.read().decode()
+    os.waitpid(pid, 0)
+    assert said == (f"cannot read milter key secret file {secret}: permission denied; it must "
+                    f"belong to the user the milter runs as: chown THAT-USER {secret} && "
+                    f"chmod 600 {secret}")
+
+
+@pytest.fixture
+def far_from_utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A local time zone whose date is not today's UTC date, right now."""
+    behind = time.gmtime().tm_hour < 12
+    monkeypatch.setenv("TZ", "FAR+12" if behind else "FAR-12")
+    time.tzset()
+    assert time.strftime("%Y%m%d") != time.strftime("%Y%m%d", time.gmtime())
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_default_key_id_is_the_utc_date(tmp_path: Path, far_from_utc: None) -> None:
+    today = time.strftime("k%Y%m%d", time.gmtime())
+    p = tmp_path / "secret"
+    assert generate_secret_file(p) == today
+    assert generate_secret_file(p) == f"{today}-2"
+    assert generate_secret_file(p) == f"{today}-3"
+
+
+def test_appending_keeps_one_secret_per_line(tmp_path: Path) -> None:
+    p = tmp_path / "secret"
+    generate_secret_file(p, "k1")
+    generate_secret_file(p, "k2")
+    text = p.read_text()
+    assert "\n\n" not in text and text.endswith("\n")
+    assert re.findall(r"^(k\d):", text, re.M) == ["k1", "k2"]
+    # a file written by hand without a final newline
+    first = f"a:{_b64(32)}"
+    _write(p, first)
+    generate_secret_file(p, "b")
+    lines = p.read_text().splitlines()
+    assert lines[0] == first and lines[1].startswith("b:") and len(lines) == 2
+
+
+def test_appending_to_a_broken_file_names_it(tmp_path: Path) -> None:
+    p = _write(tmp_path / "secret", "this is not a secret file\n")
+    with pytest.raises(SecretError, match=f"^{p}:1: expected KEYID:BASE64SECRET"):
+        generate_secret_file(p, "k2")
+    assert p.read_text() == "this is not a secret file\n"
+
+
+def test_a_bad_key_id_says_what_a_key_id_is(tmp_path: Path) -> None:
+    for bad in ("bad id", "-leading", "x" * 65, "k:1"):
+        with pytest.raises(SecretError, match=f"^key id {re.escape(repr(bad))}: use 1-64 "
+                           "letters, digits, '.', '_' or '-', starting with a letter or digit$"):
+            generate_secret_file(tmp_path / "secret", bad)
+    assert not (tmp_path / "secret").exists()

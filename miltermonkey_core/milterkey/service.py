@@ -8,6 +8,7 @@ the engine calls :meth:`KeyService.inspect` before the brain chain and
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -191,6 +192,10 @@ class KeyService:
         names: dict[str, str] = {header_name.lower(): header_name}
         for alt in alternate_headers:
             names.setdefault(alt.lower(), alt)
+        bound = set(names) & {b.lower() for b in BOUND_HEADERS}
+        if bound:
+            raise ValueError(f"{', '.join(sorted(bound))} cannot hold a milter key: the key "
+                             "binds that header")
         self.header_names: tuple[str, ...] = tuple(names.values())
         self.hostname = hostname
         self.binding = binding
@@ -210,6 +215,12 @@ class KeyService:
         """
         d = config.daemon
         secrets = load_secrets(d.miltersecretfile, d.user)
+        for key, names in (("milterkeyheader", [d.milterkeyheader]),
+                           ("alternate_key_header", d.alternate_key_header or ())):
+            bound = [n for n in names if n.lower() in {b.lower() for b in BOUND_HEADERS}]
+            if bound:
+                raise config.error(f"{bound[0]} cannot hold a milter key: the key binds "
+                                   "that header", key=key)
         return cls(
             secrets,
             signing_key=d.key_id,
@@ -230,14 +241,15 @@ class KeyService:
         message_id: str | None,
         body_digest: Digest,
         headers_digest: Digest,
-        now: float | None = None,
+        now: float,
     ) -> tuple[KeyFields | None, str | None]:
         """Verify one header value against a message; ``(fields, None)`` when trusted.
 
         ``body_digest`` (the body's SHA-256) and ``headers_digest``
         (:func:`~.fields.mime_digest` of its headers) may be callables, so a
-        key refused before its MAC costs no hashing.  The reason, when not
-        trusted, starts with one of :class:`Reason`.
+        key refused before its MAC costs no hashing.  ``now`` is read once
+        per message, so every key on it is judged at the same instant.  The
+        reason, when not trusted, starts with one of :class:`Reason`.
         """
         try:
             fields = KeyFields.parse(value)
@@ -262,7 +274,6 @@ class KeyService:
                                 "since the key was made, so the body reads differently")
             return fields, (f"{Reason.BAD_MAC}: forged, altered, or made with another "
                             f"secret for key id {fields.key_id!r}")
-        now = self.clock() if now is None else now
         if now > fields.expiry + self.clock_skew:
             return fields, f"{Reason.EXPIRED} {int(now - fields.expiry)} s ago"
         if fields.expiry > now + self.max_lifetime + self.clock_skew:
@@ -278,17 +289,10 @@ class KeyService:
         now = self.clock()
         headers = message.headers
         mid = normalize_message_id(headers)
-        cache: dict[str, bytes] = {}
-
-        def digest() -> bytes:
-            if "body" not in cache:
-                cache["body"] = message.body.sha256()
-            return cache["body"]
-
-        def headers_digest() -> bytes:  # once: thousands of forged keys cost one walk
-            if "mime" not in cache:
-                cache["mime"] = mime_digest(headers)
-            return cache["mime"]
+        # Each worked out once, and only if a key gets as far as its MAC: thousands
+        # of forged keys cost one walk of the headers, not one each.
+        digest = functools.cache(message.body.sha256)
+        headers_digest = functools.cache(functools.partial(mime_digest, headers))
 
         result = KeyInspection()
         for name in self.header_names:
@@ -333,9 +337,9 @@ class KeyService:
         With body binding, ``body_digest`` and ``headers_digest`` are those of
         the message as it leaves this hop (after every brain's edits).
         """
-        now = self.clock() if now is None else now
         if expiry is None:
-            expiry = int(now) + self.lifetime(name for name, _ in ran)
+            start = self.clock() if now is None else now
+            expiry = int(start) + self.lifetime(name for name, _ in ran)
         body = mime = None
         if self.binding == "body":
             if body_digest is None or headers_digest is None:
@@ -373,30 +377,22 @@ class KeyService:
         """
         insp = inspected if inspected is not None else self.inspect(message)
         qid = message.id
-        known = {(c.header.lower(), c.value): c for c in insp.checks}
         mid_now = normalize_message_id(ctx.headers)
         now = self.clock()
-        cache: list[bytes] = []
+        # The message as it leaves: a brain's replacement body, the headers after
+        # every edit (no key header is a bound header, so removing keys leaves
+        # the bound headers' digest as it is).
+        body_out = functools.cache(lambda: _replaced_body_digest(ctx) or message.body.sha256())
+        headers_out = functools.cache(lambda: mime_digest(ctx.headers))
 
-        def body_out() -> bytes:
-            """The body as it leaves: a brain's replacement, else the one that came."""
-            if not cache:
-                cache.append(_replaced_body_digest(ctx) or message.body.sha256())
-            return cache[0]
-
-        def headers_out() -> bytes:
-            return mime_digest(ctx.headers)
-
-        # Remove every key header that is not trusted, by its index in the live list.
+        # Remove every key header not trusted for the message as it leaves (those
+        # that came with it and those a brain of this hop added), by its index in
+        # the live list.
         removed = 0
 
         def untrusted(h: Header, index: int) -> bool:
             nonlocal removed
-            check = known.get((h.name.lower(), h.value))
-            if check is None:  # put there by a brain of this hop: judge it as it leaves
-                _, reason = self.check(h.value, mid_now, body_out, headers_out, now)
-            else:
-                reason = check.reason
+            _, reason = self.check(h.value, mid_now, body_out, headers_out, now)
             if reason is None:
                 return False
             removed += 1
@@ -423,7 +419,7 @@ class KeyService:
             claim = insp.claim(name) if name in insp.spared else None
             if claim is not None:  # a claim carried forward keeps the expiry it was made with
                 expiry = min(expiry, claim.expiry)
-        fields = self.sign(ran, mid_now, body_out(), headers_out(), expiry=expiry, now=now)
+        fields = self.sign(ran, mid_now, body_out(), headers_out(), expiry=expiry)
         ctx.replace_header(self.header_name, self.format(fields))
         log.info("%s: milter key %s added: ran %s, expires %d", qid, fields.key_id,
                  ",".join(f"{n}:{v}" for n, v in ran), fields.expiry)
