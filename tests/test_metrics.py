@@ -168,23 +168,24 @@ def test_the_endpoint_answers_through_a_reload_and_a_killed_worker(monkey: Monke
 def test_sigterm_turns_readyz_off_while_the_listener_drains(tmp_path: Path) -> None:
     port = free_port()
     m = MonkeyProcess(tmp_path, [{"use": "trivial"}],
-                      {"metrics": f"127.0.0.1:{port}", "drain_period": 2.0}).start()
+                      {"metrics": f"127.0.0.1:{port}", "drain_period": 5.0}).start()
     try:
         assert get(f"http://127.0.0.1:{port}/readyz")[0] == 200
         t0 = time.monotonic()
         m.signal(signal.SIGTERM)
-        end = t0 + 1.0
+        end = t0 + 3.0  # a loaded box may take a while to run the signal handler
         status, text = get(f"http://127.0.0.1:{port}/readyz")
         while status == 200 and time.monotonic() < end:
             status, text = get(f"http://127.0.0.1:{port}/readyz")
         assert status == 404 and "draining" in text, text
         # the balancer has stopped sending, but whoever still connects is served
         assert send(m, "DRAIN1").accepted
-        assert time.monotonic() - t0 < 2.0
         assert value(scrape(port), "miltermonkey_draining") == 1
+        served = time.monotonic() - t0
         assert m.proc is not None
         assert m.proc.wait(20) == 0
-        assert time.monotonic() - t0 >= 2.0
+        # Served inside the drain period, and the daemon waited it out before exiting.
+        assert served < 5.0 <= time.monotonic() - t0
     finally:
         m.stop()
     assert "keeps serving for the drain period" in m.log()

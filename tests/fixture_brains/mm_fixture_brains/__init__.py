@@ -48,6 +48,7 @@ class FaultBrain(Brain):
             return
         ctx.add_header("X-Fault", "half-done")  # must be rolled back
         if self.options.fault == "hang":
+            monkey.log.warning("fault brain: hanging for %g s", self.options.hang_seconds)
             time.sleep(self.options.hang_seconds)
             return
         raise RuntimeError("fault brain failing on purpose")
