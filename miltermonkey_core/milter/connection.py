@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import threading
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -29,12 +28,12 @@ import attrs
 from miltermonkey_core.contract.model import Connection
 from miltermonkey_core.contract.verdict import Verdict
 from miltermonkey_core.engine.chain import MtaDecides, policy_verdict
-from miltermonkey_core.engine.session import Decision, Session, run_after_accept
-from miltermonkey_core.errors import ActionNotNegotiated
-from miltermonkey_core.logs import ROOT, SUMMARY_LEVEL, MessageOutcome, queue_id
+from miltermonkey_core.engine.session import Decision, Session
+from miltermonkey_core.logs import ROOT, queue_id
 from miltermonkey_core.milter import protocol as p
 from miltermonkey_core.milter.generation import Generation
-from miltermonkey_core.milter.replies import PROGRESS, decision_packets, verdict_packet
+from miltermonkey_core.milter.outcome import answer
+from miltermonkey_core.milter.replies import PROGRESS, verdict_packet
 
 log = logging.getLogger(f"{ROOT}.milter")
 
@@ -535,7 +534,7 @@ class MilterConnection:
                         if v is not None:
                             return self._answer(p.SMFIC_BODYEOB, v)
                     decision = self.host.run_eom(session, self.allowed, self.progress, gen)
-                    return self._decision(session, decision)
+                    return answer(session, decision, self.allowed, self.gen)
                 finally:
                     self.pending_error = None
                     session.reset_message()
@@ -543,45 +542,6 @@ class MilterConnection:
             raise
         except Exception as e:
             return self._failed(p.SMFIC_BODYEOB, "eom", e)
-
-    def _decision(self, session: Session, decision: Decision) -> bytes | None:
-        """The edits in brain order, then quarantine, then the verdict."""
-        v = decision.verdict
-        qid = session.qid
-
-        def brains() -> str:
-            return " ".join(f"{r.brain}={r.outcome}:{r.action.value}" for r in decision.results)
-
-        if isinstance(v, MtaDecides):
-            log.warning("%s: no verdict: %s, in %.1f ms [%s]; dropping the milter connection so "
-                        "the MTA applies its default action", qid, v.reason,
-                        decision.seconds * 1000, brains(),
-                        extra=MessageOutcome(session, decision, "mta").extra())
-            raise ConnectionAbortedError(v.reason)
-        if v is not None and v.final:
-            log.info("%s: %s by %s in %.1f ms [%s]", qid, v.describe(), v.brain,
-                     decision.seconds * 1000, brains(),
-                     extra=MessageOutcome(session, decision, v.action.value).extra())
-            if v.action.value == "discard" and decision.ctx.after_accept_jobs:
-                _after_accept(decision, qid)
-            return verdict_packet(v)
-        try:
-            packets = decision_packets(decision, self.allowed)
-        except ActionNotNegotiated as e:
-            log.error("%s: the MTA did not negotiate an edit (%s); tempfail so nothing is "
-                      "half-applied", qid, e)
-            return verdict_packet(Verdict.tempfail(451, "4.3.0",
-                                                   "Temporary failure in mail filter"))
-        gen = self.gen
-        if gen is not None and gen.daemon.debug_level >= SUMMARY_LEVEL:
-            log.info("%s: accept in %.1f ms, %d edit(s)%s [%s]", qid,
-                     decision.seconds * 1000, len(decision.ctx.edits),
-                     " quarantined" if decision.ctx.quarantine_request else "", brains(),
-                     extra=MessageOutcome(session, decision, "accept").extra())
-        if decision.ctx.after_accept_jobs:
-            _after_accept(decision, qid)
-        return packets
-
 
 #: The method that answers each command (one table for every connection).
 _HANDLERS: dict[str, Callable[[MilterConnection, bytes], bytes | None]] = {
@@ -593,10 +553,3 @@ _HANDLERS: dict[str, Callable[[MilterConnection, bytes], bytes | None]] = {
     p.SMFIC_ABORT: MilterConnection._abort, p.SMFIC_UNKNOWN: MilterConnection._unknown,
     p.SMFIC_QUIT_NC: MilterConnection._quit_nc,
 }
-
-
-def _after_accept(decision: Decision, qid: str) -> None:
-    """Run brains' after-accept jobs (notices) on their own thread: the MTA
-    need not wait for a sendmail process to hear that the message is accepted."""
-    threading.Thread(target=run_after_accept, args=(decision.ctx, qid),
-                     name="mm-after-accept", daemon=True).start()

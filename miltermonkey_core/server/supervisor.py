@@ -67,11 +67,12 @@ from miltermonkey_core.config.endpoint import parse_connection
 from miltermonkey_core.errors import MonkeyError
 from miltermonkey_core.logs import ROOT, setup_logging
 from miltermonkey_core.server.childcheck import check_in_child
-from miltermonkey_core.server.control import pack_config, recv_frame, send_frame, unpack_config
+from miltermonkey_core.server.control import pack_config, recv_frame, unpack_config
 from miltermonkey_core.server.health import SupervisorFacts, not_ready_reasons
 from miltermonkey_core.server.notify import Notifier
 from miltermonkey_core.server.pidfile import remove_pidfile, write_pidfile
 from miltermonkey_core.server.sockets import remove_unix_socket
+from miltermonkey_core.server.workerhandle import Worker, describe_exit, drain_socket
 
 log = logging.getLogger(f"{ROOT}.supervisor")
 
@@ -91,39 +92,6 @@ LIVENESS_STALL = 15.0
 
 
 # --- the supervisor ------------------------------------------------------------------------
-
-
-class Worker:
-    """The child process running the milter, and our end of its control socket."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
-        self.proc = proc
-        self.sock = sock
-        self.started = time.monotonic()
-        self.started_wall = time.time()
-        self._send_lock = threading.Lock()
-        self.ready_at: float | None = None
-        self.socket_ident: tuple[int, int] | None = None
-        self.stopping = False
-        self.error: str | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def send(self, obj: dict[str, Any]) -> bool:
-        """One frame; from the main loop or the HTTP threads (hence the lock)."""
-        try:
-            with self._send_lock:
-                send_frame(self.sock, obj)
-        except OSError as e:
-            log.warning("cannot reach worker %d: %s", self.pid, e)
-            return False
-        return True
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
 
 
 class Supervisor:
@@ -180,19 +148,10 @@ class Supervisor:
     # --- the worker ----------------------------------------------------------------
 
     def spawn(self) -> Worker:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "miltermonkey_core.server.worker", str(child.fileno())],
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True,
-            )
-        finally:
-            child.close()
-        w = Worker(proc, parent)
-        w.send({"cmd": "start", "config": pack_config(self.config)})
-        self.selector.register(parent, selectors.EVENT_READ, "worker")
+        w = Worker.start(pack_config(self.config))
+        self.selector.register(w.sock, selectors.EVENT_READ, "worker")
         self.worker = w
-        log.info("started worker pid %d", proc.pid)
+        log.info("started worker pid %d", w.pid)
         return w
 
     def _forget_worker(self) -> None:
@@ -263,12 +222,12 @@ class Supervisor:
         served = w.ready_at is not None
         self._forget_worker()
         if self.stopping:
-            log.info("worker pid %d exited (%s)", w.pid, _describe_exit(code))
+            log.info("worker pid %d exited (%s)", w.pid, describe_exit(code))
             return
         if not served:
             self.facts.start_failures += 1
             self.failed_starts += 1
-            why = f"worker pid {w.pid} failed to start ({_describe_exit(code)})" + (
+            why = f"worker pid {w.pid} failed to start ({describe_exit(code)})" + (
                 f": {w.error}" if w.error else "")
             log.error("%s", why)
             limit = int(self.config.daemon.restart_attempts)
@@ -277,7 +236,7 @@ class Supervisor:
                               f"(restart_attempts = {limit}): giving up")
                 return
         else:
-            log.error("worker pid %d died unexpectedly (%s)", w.pid, _describe_exit(code))
+            log.error("worker pid %d died unexpectedly (%s)", w.pid, describe_exit(code))
         if served and w.ready_at is not None and time.monotonic() - w.ready_at >= STABLE_AFTER:
             self.backoff = 0.0
         delay = self.backoff
@@ -300,7 +259,7 @@ class Supervisor:
         while time.monotonic() < end:
             for key, _ in self.selector.select(0.2):
                 if key.data == "wake":
-                    _drain(self._wake_r)
+                    drain_socket(self._wake_r)
                 elif key.data == "worker":
                     self._read_worker(w)
             if w.ready_at is not None:
@@ -364,7 +323,7 @@ class Supervisor:
         if self.stopping:
             if self.drain_until is not None:
                 log.warning("%s again: cutting the drain period short", why)
-                self._end_drain(why)
+                self._enddrain_socket(why)
             elif w is not None and w.proc.poll() is None:
                 log.warning("%s again: killing worker pid %d now", why, w.pid)
                 with contextlib.suppress(ProcessLookupError):
@@ -388,7 +347,7 @@ class Supervisor:
             return
         self._stop_worker(why)
 
-    def _end_drain(self, why: str) -> None:
+    def _enddrain_socket(self, why: str) -> None:
         self.drain_until = None
         self.kill_at = time.monotonic() + float(self.config.daemon.shutdown_timeout) + 10.0
         self._stop_worker(why)
@@ -500,7 +459,7 @@ class Supervisor:
                 return False
             self.facts.start_failures += 1
             msg = w.error or ("the worker exited before it was ready "
-                              f"({_describe_exit(w.proc.returncode)})")
+                              f"({describe_exit(w.proc.returncode)})")
             if "cannot open" in msg and attempt + 1 < BIND_ATTEMPTS:
                 # a previous instance may still be letting go of the port
                 log.warning("%s; trying again in 1 s", msg)
@@ -521,7 +480,7 @@ class Supervisor:
                     timeout = max(0.0, min(timeout, at - now))
             for key, _ in self.selector.select(timeout):
                 if key.data == "wake":
-                    _drain(self._wake_r)
+                    drain_socket(self._wake_r)
                 elif key.data == "worker" and self.worker is not None:
                     self._read_worker(self.worker)
             self._handle_signals()
@@ -530,7 +489,7 @@ class Supervisor:
                 if self.worker is None:
                     return
                 if self.drain_until is not None and time.monotonic() >= self.drain_until:
-                    self._end_drain("drain period over")
+                    self._enddrain_socket("drain period over")
                 if self.kill_at is not None and time.monotonic() >= self.kill_at:
                     log.error("worker pid %d did not stop in time; killing it",
                               self.worker.pid)
@@ -556,23 +515,6 @@ class Supervisor:
         self._forget_worker()
 
 
-def _drain(sock: socket.socket) -> None:
-    with contextlib.suppress(BlockingIOError, InterruptedError):
-        while sock.recv(4096):
-            pass
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit status {code}"
-
-
 def supervise(config: Any) -> int:
     """``miltermonkey run``: supervise a milter worker until SIGTERM/SIGINT."""
     d = config.daemon
@@ -584,8 +526,6 @@ def supervise(config: Any) -> int:
         log.error("%s", e)
         print(f"miltermonkey: {e}", file=sys.stderr)
         return 1
-
-
 
 
 def main(argv: list[str] | None = None) -> int:
