@@ -254,8 +254,7 @@ def require_or_skip(part_cls: type[StackPart]) -> None:
     reason = part_cls.unavailable_reason()
     if reason is None:
         return
-    # Only test runs have pytest; benchmarks use the parts without it.
-    import pytest  # noqa: PLC0415
+    import pytest  # noqa: PLC0415 - optional: benchmarks run without pytest
 
     if os.environ.get(REQUIRE_ENV) == "1":
         pytest.fail(f"{reason} ({REQUIRE_ENV}=1 requires it)", pytrace=False)
