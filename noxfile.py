@@ -131,6 +131,7 @@ def docs(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks against the peers on real Postfix, clamd and spamd (needs root)."""
     install_project(session)
+    session.install("-e", "bench/brains")  # the retry workload's tempfail-once brain
     session.run("python", "bench/run.py", *session.posargs)
 
 

@@ -244,9 +244,13 @@ def smtp_session(host: str, port: int, wires: Sequence[bytes], sender: str, reci
 
 
 def smtp_load(port: int, wires: Sequence[bytes], concurrency: int, sender: str,
-              recipient: str, host: str = "127.0.0.1") -> LoadResult:
-    return run_concurrent(len(wires), concurrency,
-                          lambda i: smtp_send(host, port, wires[i], sender, recipient))
+              recipient: str, host: str = "127.0.0.1",
+              recipients: Sequence[str] | None = None) -> LoadResult:
+    """Every message in its own session; ``recipients[i]``, if given, is message i's RCPT."""
+    if recipients is not None and len(recipients) != len(wires):
+        raise ValueError("one recipient per message")
+    return run_concurrent(len(wires), concurrency, lambda i: smtp_send(
+        host, port, wires[i], sender, recipients[i] if recipients is not None else recipient))
 
 
 # --- clamd (zINSTREAM) -------------------------------------------------------------------

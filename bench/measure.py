@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import cachestats
 import checks
 import loadgen
 import messages
@@ -175,6 +176,7 @@ class Measurer:
         for m in meters:
             if m is not None:
                 m.start()
+        cache0 = cachestats.snapshot(run.monkey)
         busy0, total0 = procstats.box_busy_seconds()
         with procstats.Sampler([m for m in (meter,) if m is not None]):
             res = loadgen.smtp_load(mta.smtp_port, wires, self.args.concurrency,
@@ -184,6 +186,7 @@ class Measurer:
         busy1, total1 = procstats.box_busy_seconds()
         row = self.row(key, mta, size, msgset, res, t_e2e, delivered, meters,
                        (busy1 - busy0) / max(1e-9, total1 - total0), passes)
+        row.update(cachestats.row_fields(run.monkey, cache0))
         problems = checks.delivery_problems(res, len(wires), delivered)
         missing = checks.missing_markers(self.sink, run.markers)
         if missing:
@@ -248,7 +251,8 @@ class Measurer:
             f"inject {r['inject_rate']:7.1f} msg/s, p50/p90/p99 {r['p50_ms']:.0f}/"
             f"{r['p90_ms']:.0f}/{r['p99_ms']:.0f} ms, milter CPU {fmt(r['milter_cpu_ms'])} "
             f"ms/msg, peak RSS {fmt(r['milter_peak_rss_mib'])} MiB, delivered "
-            f"{r['delivered']}/{r['count']}, box busy {r['box_busy_pct']:.0f}%")
+            f"{r['delivered']}/{r['count']}, box busy {r['box_busy_pct']:.0f}%"
+            + (f", cache {r['cache']}" if r.get("cache") else ""))
 
     # --- engines alone ------------------------------------------------------------------------
 
@@ -382,6 +386,7 @@ class Measurer:
         for m in (meter, meter_mta):
             if m is not None:
                 m.start()
+        cache0 = cachestats.snapshot(run.monkey)
         res = loadgen.smtp_session("127.0.0.1", mta.smtp_port, wires, messages.SENDER,
                                    messages.RECIPIENT)
         _t, delivered = self.wait_delivered(mta, len(wires) - len(res.failures),
@@ -405,6 +410,7 @@ class Measurer:
             "msg_max_ms": round(max(times), 1),
             "milter_cpu_ms": per_msg_ms(meter.cpu_since_start(), n) if meter else None,
             "mta_cpu_ms": per_msg_ms(meter_mta.cpu_since_start(), n),
+            **cachestats.row_fields(run.monkey, cache0),
             "problems": problems,
         }
         for p in problems:

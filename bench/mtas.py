@@ -21,6 +21,7 @@ from __future__ import annotations
 import abc
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -108,9 +109,12 @@ class PostfixMta(Mta):
     name = "postfix"
     title = "Postfix"
 
-    def __init__(self, state_dir: Path, relay_port: int) -> None:
+    def __init__(self, state_dir: Path, relay_port: int,
+                 extra: Mapping[str, str] | None = None) -> None:
+        """``extra``: main.cf settings over :data:`POSTFIX_EXTRA` (a second host, a front MTA)."""
         super().__init__(state_dir, relay_port)
-        self.part = Postfix(state_dir, free_port(), relay_port, milters="", extra=POSTFIX_EXTRA)
+        self.part = Postfix(state_dir, free_port(), relay_port, milters="",
+                            extra={**POSTFIX_EXTRA, **(extra or {})})
         self.smtp_port = self.part.smtp_port
 
     @staticmethod
@@ -120,7 +124,8 @@ class PostfixMta(Mta):
     def start(self) -> None:
         self.part.start()
         self._milters = ""
-        log(f"postfix on 127.0.0.1:{self.smtp_port} -> smtp-sink :{self.relay_port}")
+        log(f"postfix ({self.state_dir.name}) on 127.0.0.1:{self.smtp_port} -> "
+            f"127.0.0.1:{self.relay_port}")
 
     def stop(self) -> None:
         self.part.stop()

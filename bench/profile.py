@@ -190,8 +190,10 @@ def main() -> int:
             parts.append(spamd)
             brains = [{"use": "av", "clamd": [f"tcp:127.0.0.1:{clamd.tcp_port}"]},
                       {"use": "spam", "servers": [f"127.0.0.1:{spamd.port}"]}]
+        # the cache off: the load sends the same 200 messages over and over
         monkey = MonkeyProcess(work / "monkey", brains,
-                               {"debug_level": args.debug_level, "milter_key": False})
+                               {"debug_level": args.debug_level, "milter_key": False,
+                                "cache": "off"})
         monkey.start(timeout=60)
         postfix.set_milters(monkey.postfix_spec)
         pool = messages.build_set(args.size, 200)

@@ -6,7 +6,9 @@ over the rounds.  Ratios are taken within each round, each row against its
 reference through the same MTA in the same round (the ceiling, the C
 milter, the engines alone, its peer, the tuned bare milter); the report
 shows their median and range.  The one-session rows (per-message time in
-a single SMTP session) get a table of their own.
+a single SMTP session) get a table of their own, and so do the workloads
+where the scan cache saves work (:mod:`workloads`).  The ``cache`` column of
+a MilterMonkey row is "off", or hits/lookups during the measurement.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ COLUMNS: list[Column] = [
     ("RSS MiB", "milter_peak_rss_mib", 8, 1),
     ("engRSS", "engines_peak_rss_mib", 7, 0),
     ("busy%", "box_busy_pct", 5, 0),
+    ("cache", "cache", 9, 0),
 ]
 #: With --repeat N > 1: the min and max over the rounds, after the column named.
 RANGE_COLUMNS = {
@@ -65,6 +68,26 @@ SESSION_COLUMNS: list[Column] = [
     ("max ms", "msg_max_ms", 7, 1),
     ("milterCPU", "milter_cpu_ms", 9, 2),
     ("mtaCPU", "mta_cpu_ms", 7, 2),
+    ("cache", "cache", 9, 0),
+]
+#: The workloads: each with the cache off and on, and the engines alone on the same mail.
+WORKLOAD_COLUMNS: list[Column] = [
+    ("workload", "label", 44, 0),
+    ("cache", "cache", 6, 0),
+    ("sent", "count", 5, 0),
+    ("deliv", "delivered", 5, 0),
+    ("msg/s", "e2e_rate", 7, 1),
+    ("vs E3", "vs_engines", 6, 2),
+    ("p50ms", "p50_ms", 7, 1),
+    ("p50 to sink ms", "p50_delivery_ms", 14, 1),
+    ("milterCPU", "milter_cpu_ms", 9, 2),
+    ("engCPU", "engines_cpu_ms", 7, 2),
+    ("milter+eng", "total_cpu_ms", 10, 2),
+    ("hits/lookups", "hits", 12, 0),
+    ("av hits", "av_hits", 7, 0),
+    ("spam hits", "spam_hits", 9, 0),
+    ("4xx", "tempfails", 4, 0),
+    ("busy%", "box_busy_pct", 5, 0),
 ]
 SESSION_RANGE = {"mean ms": ("mean ms range", "mean_range", 13, 1)}
 SIZE_ORDER = (*messages.SIZES, "mix")
@@ -167,6 +190,11 @@ def _ratios_one_round(rows: list[Row]) -> dict[str, dict[str, float]]:
                 entry["vs_peers_milter_cpu"] = r["milter_cpu_ms"] / peer["milter_cpu_ms"]
             if r.get("p50_ms") and peer.get("p50_ms"):
                 entry["vs_peers_p50"] = r["p50_ms"] / peer["p50_ms"]
+        serial = by.get((c.serial, mta, size)) if c.serial else None
+        if serial:
+            entry["overlap_rate_vs_serial"] = r["e2e_rate"] / serial["e2e_rate"]
+            if r.get("p50_ms") and serial.get("p50_ms"):
+                entry["overlap_p50_vs_serial"] = r["p50_ms"] / serial["p50_ms"]
         tuned = by.get(("bare-tuned", mta, size))
         if tuned and c.vs_bare_tuned:
             entry["vs_bare_tuned_rate"] = r["e2e_rate"] / tuned["e2e_rate"]
@@ -232,6 +260,8 @@ RATIO_NAMES = {
     "vs_peers_rate": "rate vs the peer (4; 4a, 4b for 5a, 5b)",
     "vs_peers_milter_cpu": "milter CPU vs the peer",
     "vs_peers_p50": "p50 latency vs the peer",
+    "overlap_p50_vs_serial": "p50 with overlap / without (5s)",
+    "overlap_rate_vs_serial": "rate with overlap / without (5s)",
     "vs_bare_tuned_rate": "rate vs bare tuned (2b)",
     "vs_bare_tuned_cpu": "milter CPU vs bare tuned (2b)",
     "mm_overhead_cpu_ms": "extra milter CPU ms/msg vs 2b",
@@ -278,6 +308,47 @@ def tables(data: dict[str, Any]) -> list[tuple[str, str, list[Row]]]:
     return out
 
 
+def _workload_heading(data: dict[str, Any]) -> str:
+    r = data["workloads"][0]
+    return (f"workloads where the scan cache saves work: the mix set, {r['set_size']} "
+            f"messages (mean {r['mean_kib']} KiB), {r['concurrency']} sessions, each with the "
+            "cache off and on; msg/s is messages (bulk: transactions) delivered at the sink "
+            "over the time until the last one was; vs E3 against the engines alone on the "
+            "same unique mail")
+
+
+def _workload_rows(data: dict[str, Any]) -> list[Row]:
+    out = []
+    for r in data["workloads"]:
+        line = dict(r)
+        line["tempfails"] = (r.get("verdicts") or {}).get("tempfail") \
+            if r["workload"] == "retries" else None
+        out.append(line)
+    return out
+
+
+def workload_goals(data: dict[str, Any]) -> list[str]:
+    """What the rows say against the issue's goals: bulk with the cache on, 3x the engines."""
+    out = []
+    by = {(r["workload"], r.get("host", ""), r["cache"]): r for r in data.get("workloads", [])}
+    for (wl, host, cache), r in by.items():
+        if cache in ("off", "-"):
+            continue
+        off = by.get((wl, host, "off"))
+        if off and off.get("e2e_rate") and r.get("e2e_rate"):
+            where = f"{wl}{' ' + host if host else ''}"
+            out.append(f"{where}: cache on / off rate {r['e2e_rate'] / off['e2e_rate']:.2f}, "
+                       f"milter+engine CPU {fmt(r.get('total_cpu_ms'), 2)} vs "
+                       f"{fmt(off.get('total_cpu_ms'), 2)} ms/msg, p50 "
+                       f"{fmt(r.get('p50_ms'))} vs {fmt(off.get('p50_ms'))} ms")
+    bulk = by.get(("bulk", "", "memory"))
+    if bulk and bulk.get("vs_engines") is not None:
+        met = "met" if bulk["vs_engines"] >= 3 else "NOT met"
+        out.append(f"goal, bulk with the cache on at least 3x the engines alone: "
+                   f"{bulk['vs_engines']:.2f}x ({met})")
+    return out
+
+
 def _session_heading(data: dict[str, Any]) -> str:
     rows = data.get("sessions") or []
     repeat = int(data["args"].get("repeat", 1))
@@ -302,6 +373,10 @@ def text_report(data: dict[str, Any]) -> str:
         lines.append(f"\n--- {_session_heading(data)}; CPU in ms per message ---")
         lines += _text_table(columns(repeat, SESSION_COLUMNS, SESSION_RANGE),
                              summarise_sessions(data["sessions"]))
+    if data.get("workloads"):
+        lines.append(f"\n--- {_workload_heading(data)}; CPU in ms per message ---")
+        lines += _text_table(WORKLOAD_COLUMNS, _workload_rows(data))
+        lines += [f"  {g}" for g in workload_goals(data)]
     if data["ratios"]:
         lines.append("\n--- ratios (e2e msg/s unless stated)"
                      + (f"; median of {repeat} rounds (min..max)" if repeat > 1 else "")
@@ -349,7 +424,8 @@ def markdown_report(data: dict[str, Any]) -> str:
            f"Command: `{data['command']}`", "",
            f"Machine: {data['machine']['cpu']} x {data['machine']['cores']}, "
            f"{data['machine']['mem_gib']} GiB, {data['machine']['os']}, kernel "
-           f"{data['machine']['kernel']}; load average at start {data['machine']['loadavg']}", "",
+           f"{data['machine']['kernel']}; load average at start {data['machine']['loadavg']}"
+           + (f", at the end {data['loadavg_end']}" if data.get("loadavg_end") else ""), "",
            "Versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items()), "",
            "CPU columns are milliseconds of CPU per message (milter processes incl. children; "
            "clamd+spamd; the MTA; the load client). RSS is the milter's peak, summed over its "
@@ -367,6 +443,10 @@ def markdown_report(data: dict[str, Any]) -> str:
         out += [f"## One SMTP session ({_session_heading(data).split(': ', 1)[1]})", ""]
         out += _markdown_table(columns(repeat, SESSION_COLUMNS, SESSION_RANGE),
                                summarise_sessions(data["sessions"]))
+    if data.get("workloads"):
+        out += [f"## Workloads ({_workload_heading(data)})", ""]
+        out += _markdown_table(WORKLOAD_COLUMNS, _workload_rows(data))
+        out += [*(f"- {g}" for g in workload_goals(data)), ""]
     if data["ratios"]:
         # only the columns this run has values for
         used = [k for k in RATIO_NAMES if any(k in e for e in data["ratios"].values())]

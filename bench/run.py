@@ -2,7 +2,8 @@
 """MilterMonkey against its peers, on a real Postfix (and Sendmail), clamd and spamd, in one run.
 
     nox -s bench -- [--count N] [--concurrency C] [--sizes 2k,50k,1m,mix]
-                    [--contenders LIST] [--repeat N] [--mta postfix,sendmail] [--quick]
+                    [--contenders LIST] [--repeat N] [--mta postfix,sendmail]
+                    [--workloads retries,bulk,hosts|all|none] [--quick]
     (or, as root, in the dev venv:  python bench/run.py ...)
 
 It starts on loopback a private Postfix (and with ``--mta``, a private
@@ -20,22 +21,42 @@ message set at the same concurrency through each one in turn, size by size
     mm-trivial-unix  MilterMonkey, trivial brain, UNIX socket
     peers            clamav-milter + spamass-milter chained (Debian)
     mm-avspam        MilterMonkey, av + spam brains (milter key signing when available)
+    mm-avspam-serial the same with overlap = false: av, then spam (overlap vs not, same run)
     mm-keyed         MilterMonkey hop 2: av + spam with skip_if_key, fed mail keyed by hop 1
     mimedefang       MIMEDefang with clamd and embedded SpamAssassin
     clamd, spamd, engines   the engines alone (INSTREAM, CHECK, both per message)
     smtp-source      the Postfix ceiling again with Postfix's smtp-source as the client
 
 then every milter again with --one-session N messages sent one after
-another in a single SMTP session, each timed on its own, and finally the
-memory checks (20 concurrent sessions; one 50 MB message).  Results are
-printed and written to bench-results/ as JSON and Markdown.  Needs root
-(the MTAs, daemons dropping to their users).  See docs/benchmarks.md.
+another in a single SMTP session, each timed on its own, then the workloads
+where a scan cache saves work, and finally the memory checks (20 concurrent
+sessions; one 50 MB message).
+
+Every contender's MilterMonkey daemon runs with ``cache = "off"``: its rows
+measure unique mail, though the warm-up, --min-time and --repeat send the
+same set again.  The workloads (--workloads; all of them in a full run, i.e.
+without --contenders and --quick; none otherwise unless named) each run
+twice, with the cache off and on, on the mix set of --count messages:
+
+    retries  a front Postfix relays to the milter'ed one; 20% of messages get a
+             451 from the tempfail-once brain (bench/brains) on their first
+             attempt, after av and spam, and the front retries them
+    bulk     each body of the set to 5 recipients in 5 transactions
+    hosts    two av+spam daemons sharing one Redis as their cache; host 2 is
+             fed what host 1 delivered
+
+with the engines alone on the same unique mail (E3) as the reference.
+Results are printed and written to bench-results/ as JSON and Markdown.
+Needs root (the MTAs, daemons dropping to their users).  See
+docs/benchmarks.md.
 
 The benchmark's modules, by job: ``run`` (this: options, main), ``runner``
 (the run: shared parts, start and check, rounds), ``contenders`` (the
 registry), ``mtas`` (Postfix and Sendmail), ``measure`` (load runs and
-their rows), ``checks``, ``memory``, ``report`` (tables, ratios, files);
-below them ``loadgen``, ``messages``, ``procstats`` and ``peers``.
+their rows), ``workloads`` (retries, bulk, two hosts), ``checks``,
+``memory``, ``report`` (tables, ratios, files); below them ``loadgen``,
+``messages``, ``procstats``, ``cachestats`` (a daemon's cache counters) and
+``peers``; ``brains/`` is the tempfail-once brain's distribution.
 """
 
 from __future__ import annotations
@@ -60,6 +81,7 @@ sys.path.insert(0, str(HERE))
 import messages  # noqa: E402
 import peers  # noqa: E402
 import report  # noqa: E402
+import workloads  # noqa: E402
 from console import log, loud  # noqa: E402
 from contenders import ALL_CONTENDERS  # noqa: E402
 from mtas import MTAS  # noqa: E402
@@ -92,6 +114,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds per size: the contenders are measured in turn, N times over "
                     "(1); the tables show each one's median round and the range")
+    ap.add_argument("--workloads", default=None,
+                    help="comma list of " + ", ".join(workloads.WORKLOADS) + ", or all or "
+                    "none: the scan cache's workloads on the mix set of --count messages, "
+                    "cache off and on (default: all in a full run, none with --contenders "
+                    "or --quick)")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: 30 messages of 2k, short memory tests, 10 MB big message")
     ap.add_argument("--warmup", type=int, default=None,
@@ -130,6 +157,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not a.mta or len(set(a.mta)) != len(a.mta):
         ap.error("--mta names each MTA once")
     chosen = list(ALL_CONTENDERS)
+    contenders_given = a.contenders is not None
     if a.contenders:
         items = _names(a.contenders)
         if all(i.startswith("-") for i in items):
@@ -140,6 +168,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             if c not in ALL_CONTENDERS:
                 ap.error(f"unknown contender {c!r}; choose from {', '.join(ALL_CONTENDERS)}")
     a.contenders = chosen
+    wl = a.workloads if a.workloads is not None else (
+        "none" if a.quick or contenders_given else "all")
+    a.workloads = (list(workloads.WORKLOADS) if wl == "all" else [] if wl == "none"
+                   else _names(wl))
+    for w in a.workloads:
+        if w not in workloads.WORKLOADS:
+            ap.error(f"unknown workload {w!r}; choose from {', '.join(workloads.WORKLOADS)}, "
+                     "all, none")
     a.warmup = a.warmup if a.warmup is not None else max(10, 2 * a.concurrency)
     a.big_mb = a.big_mb or (10 if a.quick else 50)
     a.min_time = a.min_time if a.min_time is not None else (0.0 if a.quick else 5.0)
@@ -166,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = Bench(args, work)
     log(f"state in {work}; {args.count} messages per size, {args.concurrency} sessions, "
         f"sizes {','.join(args.sizes)}; contenders {','.join(args.contenders)}"
-        + (f"; MTAs {','.join(args.mta)}" if args.mta != ["postfix"] else ""))
+        + (f"; MTAs {','.join(args.mta)}" if args.mta != ["postfix"] else "")
+        + (f"; workloads {','.join(args.workloads)}" if args.workloads else ""))
     status = 0
     try:
         bench.run()
@@ -194,10 +231,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "checks": bench.checks,
         "skipped": bench.skipped,
         "memory": bench.memory,
+        "workloads": bench.workload_rows,
+        "loadavg_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "status": status,
     }
     print(report.text_report(data))
-    if bench.results or bench.memory or bench.sessions:
+    if bench.results or bench.memory or bench.sessions or bench.workload_rows:
         outdir = Path(args.results_dir)
         outdir.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
@@ -206,7 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         (outdir / f"bench-{stamp}.md").write_text(report.markdown_report(data) + "\n",
                                                   encoding="utf-8")
         log(f"results: {outdir}/bench-{stamp}.json and .md")
-    problems = [p for r in (*bench.results, *bench.sessions) for p in r.get("problems", [])]
+    problems = [p for r in (*bench.results, *bench.sessions, *bench.workload_rows)
+                for p in r.get("problems", [])]
     if problems:
         loud(f"{len(problems)} problem(s) in this run; see the table")
         status = status or 1

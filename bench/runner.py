@@ -6,7 +6,8 @@ spamd.  Every milter contender is then started and checked through each
 MTA, and stays up, idle when it is not its turn, until the last round: for
 each size and round, each MTA is pointed at each contender in turn and the
 same mail is sent at the same concurrency.  Then the one-session rows, then
-the memory checks.
+the workloads (``--workloads``: retries, bulk, two hosts; :mod:`workloads`),
+then the memory checks.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import contenders
 import memory
 import messages
 import peers
+import workloads
 from console import log, loud
 from contenders import ALL_CONTENDERS, REGISTRY, Resources, Running, Skip
 from measure import Measurer
@@ -52,6 +54,7 @@ class Bench:
         self.session_wires: list[bytes] = []
         self.sink: SmtpSink | None = None
         self.measurer: Measurer | None = None
+        self.workload_rows: list[dict[str, Any]] = []
 
     @property
     def results(self) -> list[dict[str, Any]]:
@@ -78,7 +81,8 @@ class Bench:
             self.mtas.append(mta)
         if not self.mtas:
             raise RuntimeError(f"no MTA can run here: {self.skipped}")
-        needs_engines = any(REGISTRY[c].needs_engines for c in a.contenders) or not a.no_memory
+        needs_engines = (any(REGISTRY[c].needs_engines for c in a.contenders)
+                         or not a.no_memory or bool(a.workloads))
         if needs_engines:
             clamd = self.res.clamd = Clamd(w / "clamd", free_port())
             clamd.start()
@@ -185,10 +189,23 @@ class Bench:
                 self._session_rounds(order, running)
         finally:
             stop_in_parallel(list(running.values()))
+        if a.workloads:
+            self.run_workloads()
         if not a.no_memory:
             log("== memory")
             assert self.measurer is not None
             self.memory = memory.memory_tests(a, self.res, self.measurer, self.mtas[0])
+
+    def run_workloads(self) -> None:
+        """The workloads where the cache saves work, each with it off and on (after the rounds)."""
+        assert self.measurer is not None and self.sink is not None
+        wl = workloads.Workloads(self.args, self.work, self.res, self.measurer, self.sink,
+                                 self.mtas[0])
+        try:
+            wl.run(self.args.workloads)
+        finally:
+            self.workload_rows = wl.rows
+            self.skipped.update(wl.skipped)
 
     def _measure_round(self, size: str, rnd: int, order: Sequence[str],
                        running: dict[str, Running]) -> None:
