@@ -26,15 +26,23 @@ limits (clamd's ``Heuristics.Limits.Exceeded.*``) is believed.  Both go to
 Skipping mail a trusted hop already scanned (the seed's milter key and
 ``alternate_key_header``) is the core's job: set ``skip_if_key = true`` on
 the ``[[brain]]`` table and the core does not call this brain for it.
+
+Doing less work per message: clamd verdicts go into the daemon's scan cache
+(:mod:`~miltermonkey_av.cachekey` says what the key is made of), and a
+large message is streamed to clamd while it arrives
+(:mod:`~miltermonkey_av.stream`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
 from miltermonkey_av import __version__
+from miltermonkey_av.cachekey import CacheKeyMaker, EngineIdentity, resolve_directory
 from miltermonkey_av.clamd import CHUNK_SIZE, ClamdClient, ClamdPool
 from miltermonkey_av.command import CommandScanner
+from miltermonkey_av.errors import EngineReportedError, ScanError, ScanTimeout
 from miltermonkey_av.mime_limits import Exceeded, inspect
 from miltermonkey_av.notices import (
     RECIPIENT_NOTICE,
@@ -49,14 +57,17 @@ from miltermonkey_av.notices import (
 )
 from miltermonkey_av.options import AntiVirusOptions
 from miltermonkey_av.result import LIMITS_PREFIX, ScanResult, Status
+from miltermonkey_av.stream import BodyStream, Streamer
 from miltermonkey_core import (
     Brain,
     Capability,
+    Connection,
     Message,
     MilterContext,
     Monkey,
     Needs,
     NoticeError,
+    Verdict,
     hookimpl,
 )
 
@@ -176,6 +187,22 @@ class AntiVirusBrain(Brain):
         self.who = options.who or f"the mail system at {self.hostname}"
         self.scanned_by = f"MilterMonkey-AV {__version__} on {self.hostname}"
         self.engine = build_engine(options, monkey)
+        # Notify mode reads the headers as earlier brains left them (it deletes
+        # every Content-* header there): its work depends on theirs.
+        self.independent = self.action != "notify"
+        self.cache_ttl = options.cache_ttl
+        self.keys: CacheKeyMaker | None = None
+        self.streamer: Streamer | None = None
+        if isinstance(self.engine, ClamdEngine):
+            pool = self.engine.pool
+            if self.action != "notify":  # notices depend on the envelope: never replayed
+                directory, covered = resolve_directory(options.database_directory,
+                                                       options.clamd)
+                identity = EngineIdentity(pool, directory, covered, options.cache_settle,
+                                          lambda why: monkey.log.info("av: %s", why))
+                self.keys = CacheKeyMaker(options, identity)
+            if options.stream_min_size:
+                self.streamer = Streamer(pool, options, self.name, monkey.log)
         monkey.log(20, "av: %s; infected mail: %s", self.engine.description, self.action)
 
     @classmethod
@@ -192,10 +219,47 @@ class AntiVirusBrain(Brain):
     def close_brain(self) -> None:
         self.engine.close()
 
-    # --- the hook -------------------------------------------------------------------------
+    def cache_key(self, message: Message) -> Sequence[str | bytes] | None:
+        """The header block clamd sees without trace headers, the body, options, database.
+
+        None (not cached) with a command-line scanner (it names no database),
+        in notify mode (notices depend on the envelope), when the database
+        cannot be identified or is settling, and when a header left out of
+        the key is too long to be left unscanned (see :mod:`.cachekey`).
+        """
+        return self.keys.key(message) if self.keys is not None else None
+
+    # --- streaming while the body arrives -------------------------------------------------
+
+    @hookimpl
+    def body(self, message: Message, chunk: bytes, monkey: Monkey) -> Verdict | None:
+        if self.streamer is not None:
+            self.streamer.body(message, chunk)
+        return None
+
+    @hookimpl
+    def abort(self, message: Message, monkey: Monkey) -> None:
+        if self.streamer is not None:
+            self.streamer.abort(message)
+
+    @hookimpl
+    def close(self, connection: Connection, monkey: Monkey) -> None:
+        if self.streamer is not None:
+            self.streamer.close_connection(connection)
+
+    # --- end of message -------------------------------------------------------------------
 
     @hookimpl
     def eom_process(self, message: Message, ctx: MilterContext, monkey: Monkey) -> None:
+        stream = self.streamer.take(message) if self.streamer is not None else None
+        try:
+            self._eom(message, ctx, monkey, stream)
+        finally:
+            if stream is not None:
+                stream.close()
+
+    def _eom(self, message: Message, ctx: MilterContext, monkey: Monkey,
+             stream: BodyStream | None) -> None:
         o = self.options
         size = message.size
         if size < o.minscansize:
@@ -206,6 +270,8 @@ class AntiVirusBrain(Brain):
         if o.max_scan_size and size > o.max_scan_size:
             self._oversize(ctx, monkey, f"{size} bytes, above max_scan_size {o.max_scan_size}")
             return
+        # clamd got the message while it arrived: let it scan during the walk.
+        stream = self._end_stream(stream, message, monkey)
         # Before the engine: an engine stops at its own limits and may call the
         # rest "clean" (clamd without AlertExceedsMax does).
         structure = inspect(message.iter_bytes(CHUNK_SIZE), max_depth=o.max_mime_depth,
@@ -216,7 +282,9 @@ class AntiVirusBrain(Brain):
             return
         # A ScanError propagates: the core applies on_error (tempfail by default).
         # With accept-tag the engine still looks, so a virus it can find is refused.
-        result = self.engine.scan(message)
+        result = self._streamed(stream, monkey) if stream is not None else None
+        if result is None:
+            result = self.engine.scan(message)
         if result.status is Status.TOO_LARGE:
             self._oversize(ctx, monkey, f"{result.engine} refused it as too large "
                                         f"({result.detail}); max_scan_size is above "
@@ -238,6 +306,44 @@ class AntiVirusBrain(Brain):
         monkey.log(50, "clean (%s, %.1f ms; depth %d, %d parts)", result.engine,
                    result.seconds * 1000, structure.depth, structure.parts)
         self._tag(ctx, "Clean")
+
+    def _end_stream(self, stream: BodyStream | None, message: Message,
+                    monkey: Monkey) -> BodyStream | None:
+        """The stream, terminated, if clamd got exactly this message; else None (closed)."""
+        if stream is None:
+            return None
+        if not stream.matches(message):
+            monkey.log(50, "stream to clamd %s dropped: it got %d bytes of %d, or other "
+                           "headers; scanning at end of data", stream.address, stream.sent,
+                       message.size)
+            stream.close()
+            return None
+        try:
+            stream.end()
+        except ScanError as e:
+            self._stream_failed(stream, monkey, e)
+            return None
+        return stream
+
+    def _streamed(self, stream: BodyStream, monkey: Monkey) -> ScanResult | None:
+        """clamd's answer to the stream; None to scan at end of data as always."""
+        try:
+            return stream.result()
+        except ScanError as e:
+            self._stream_failed(stream, monkey, e)
+            return None
+
+    def _stream_failed(self, stream: BodyStream, monkey: Monkey, error: ScanError) -> None:
+        """A stream that failed at the end: a timeout is the scan's (on_error applies, as
+        for any scan); anything else leaves the message to the usual scan and its failover."""
+        stream.close()
+        if isinstance(error, ScanTimeout):
+            assert isinstance(self.engine, ClamdEngine)
+            self.engine.pool.mark_failed(stream.client, str(error))
+            raise error
+        if not isinstance(error, EngineReportedError):
+            monkey.log.warning("stream to clamd %s failed at the end: %s; scanning at end of "
+                               "data", stream.address, error)
 
     # --- outcomes -------------------------------------------------------------------------
 

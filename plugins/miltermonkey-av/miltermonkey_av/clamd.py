@@ -223,6 +223,28 @@ class ClamdClient:
                                       "without a reply")
         return reply.split(b"\0", 1)[0].decode("utf-8", "replace").strip()
 
+    def open_instream(self, deadline: float) -> socket.socket:
+        """A connection that has sent ``zINSTREAM``, for a caller that frames the data itself
+        (the brain's body stream, :mod:`miltermonkey_av.stream`)."""
+        sock = self._connect(deadline)
+        try:
+            self._settimeout(sock, deadline)
+            sock.sendall(b"zINSTREAM\0")
+        except TimeoutError as e:
+            sock.close()
+            raise ScanTimeout(f"clamd {self.address}: INSTREAM not accepted") from e
+        except OSError as e:
+            sock.close()
+            raise EngineProtocolError(f"clamd {self.address}: INSTREAM: {e.strerror or e}") from e
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def read_reply(self, sock: socket.socket, deadline: float) -> str:
+        """clamd's one NUL-terminated reply line on ``sock``, read until ``deadline``."""
+        return self._read_reply(sock, deadline)
+
     def _deadline(self, timeout: float | None) -> float:
         return time.monotonic() + (self.timeout if timeout is None else timeout)
 
@@ -340,6 +362,27 @@ class ClamdPool:
         """Addresses not in cool-down right now."""
         now = self.clock()
         return [str(s.client.address) for s in self.slots if s.dead_until <= now]
+
+    @property
+    def clients(self) -> list[ClamdClient]:
+        return [s.client for s in self.slots]
+
+    def healthy_clients(self) -> list[ClamdClient]:
+        """Addresses neither in cool-down nor waiting for a PING, in configured order."""
+        now = self.clock()
+        return [s.client for s in self.slots if s.dead_until <= now and not s.suspect]
+
+    def next_healthy(self) -> ClamdClient | None:
+        """The next healthy address in the round-robin, or None when none is."""
+        now = self.clock()
+        return next((s.client for s in self._order() if s.dead_until <= now and not s.suspect),
+                    None)
+
+    def mark_failed(self, client: ClamdClient, why: str) -> None:
+        """A failure seen outside :meth:`scan` (a body stream): the address cools down."""
+        for slot in self.slots:
+            if slot.client is client:
+                self._mark_dead(slot, why)
 
     def _order(self) -> list[_Slot]:
         """Round-robin start; addresses in cool-down go last (a last resort, probed first)."""

@@ -16,6 +16,7 @@ Two seed defaults are changed on purpose (see the README):
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
@@ -25,7 +26,7 @@ import attrs
 from miltermonkey_av.clamd import ClamdAddress
 from miltermonkey_av.command import check_template, preset_for
 from miltermonkey_av.mime_limits import DEFAULT_MAX_DEPTH, DEFAULT_MAX_PARTS
-from miltermonkey_core import Verdict, parse_size
+from miltermonkey_core import Verdict, duration_converter, parse_size, size_converter
 
 #: The seed's pattern plus the mass-mailer families that forge the sender
 #: (notifying that "sender" is backscatter to an innocent third party).
@@ -44,6 +45,18 @@ ENGINES = ("auto", "clamd", "command")
 INFECTED_ACTIONS = ("reject", "notify", "discard", "quarantine")
 OVERSIZE_ACTIONS = ("accept-tag", "tempfail", "reject")
 LIMITS_ACTIONS = ("reject", "tempfail", "accept-tag")
+
+#: Per-hop trace and filter headers: another host relaying the same message, or
+#: delivering it again, adds or changes these and nothing else.
+DEFAULT_CACHE_IGNORE_HEADERS = ("Received", "Return-Path", "Delivered-To", "X-Original-To",
+                                "X-Virus-Scanned", "X-Virus-Status", "X-Milter-Key",
+                                "X-Spam-*")
+#: Headers that say how the body is to be decoded: a cache key without them
+#: would let another MIME structure hit an entry scanned as something else.
+MIME_HEADERS = ("Content-Type", "Content-Transfer-Encoding", "Content-Disposition",
+                "MIME-Version")
+#: Start streaming to clamd once this much of the message has arrived.
+DEFAULT_STREAM_MIN_SIZE = 1024 * 1024
 
 def _count(value: Any) -> int:
     """A limit counted in levels or parts: a whole number, at least 1 (a bool is refused)."""
@@ -135,6 +148,39 @@ def _no_alternate_key_header(_inst: object, _attr: attrs.Attribute[Any], value: 
             "alternate_key_header is a daemon-wide milter key setting: move it to the "
             "[miltermonkey] table, and set skip_if_key = true on this [[brain]] so mail a "
             "trusted hop already scanned is not scanned again")
+
+
+_to_duration = duration_converter()
+_to_size = size_converter()
+
+
+def _duration(value: Any) -> float:
+    """Seconds, written as for the daemon (3600, "1h", "2m"); at least 0."""
+    seconds: float = _to_duration(value)
+    return seconds
+
+
+def _size(value: Any) -> int:
+    """Bytes, written as for the daemon (1048576, "1M"); at least 0."""
+    size: int = _to_size(value)
+    return size
+
+
+def _header_patterns(value: Any) -> tuple[str, ...]:
+    """Header names or fnmatch patterns (``X-Spam-*``); none may cover a MIME header."""
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of header names, got {value!r}")
+    out = []
+    for item in value:
+        pattern = item.strip()
+        if not pattern or any(c.isspace() or c == ":" for c in pattern):
+            raise ValueError(f"{item!r} is not a header name or pattern (like X-Spam-*)")
+        covered = [h for h in MIME_HEADERS if fnmatch.fnmatchcase(h.lower(), pattern.lower())]
+        if covered:
+            raise ValueError(f"{item!r} covers {', '.join(covered)}, which says how the body "
+                             "is decoded: it must stay in the cache key")
+        out.append(pattern)
+    return tuple(out)
 
 
 _str = attrs.validators.instance_of(str)
@@ -254,6 +300,26 @@ class AntiVirusOptions:
     # --- headers ----------------------------------------------------------------------------
     #: Add X-Virus-Scanned and X-Virus-Status (replacing any from outside).
     add_headers: bool = attrs.field(default=True, validator=_bool)
+
+    # --- the scan cache and streaming -------------------------------------------------------
+    #: Seconds a clean or infected verdict is replayed from the daemon's scan cache
+    #: for the same message (a duration: 3600, "1h"); 0: never cached.
+    cache_ttl: float = attrs.field(default=3600.0, converter=_duration)
+    #: Headers left out of the cache key (fnmatch patterns, any case): per-hop trace
+    #: and filter headers, so the same message relayed or delivered again hits.
+    cache_ignore_headers: tuple[str, ...] = attrs.field(default=DEFAULT_CACHE_IGNORE_HEADERS,
+                                                        converter=_header_patterns)
+    #: clamd's signature directory, fingerprinted into the cache key: "auto" (the
+    #: DatabaseDirectory of /etc/clamav/clamd.conf, for the clamd that file
+    #: describes), "" (none), or a path.
+    database_directory: str = attrs.field(default="auto", validator=_str)
+    #: While the newest signature file is younger than this, nothing is cached or
+    #: looked up: clamd may still be scanning with the database before it.
+    cache_settle: float = attrs.field(default=120.0, converter=_duration)
+    #: Stream the message to clamd while it arrives once it is this large (a
+    #: size: "1M"); 0: never, the message is sent after the end of data.
+    stream_min_size: int = attrs.field(default=DEFAULT_STREAM_MIN_SIZE,
+                                       converter=_size)
 
     #: Not a brain option: refused with a pointer to the daemon table.
     alternate_key_header: Any = attrs.field(default=None, validator=_no_alternate_key_header)
