@@ -321,8 +321,10 @@ def test_sighup_under_load(relay: Relay, tmp_path: Path) -> None:
                 time.sleep(0.2)
 
         try:
+            # Each reload's check runs in a child process (a few tenths of a
+            # second): enough messages that several reloads land mid-flow.
             c = run_fault(relay, "sighup", subjects=lambda i: "calm", trigger=reloads,
-                          fix=stop.set, required=["X-Stamp"])
+                          fix=stop.set, required=["X-Stamp"], n=3 * N)
         finally:
             stop.set()
         log = m.log()

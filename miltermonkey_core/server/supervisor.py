@@ -48,6 +48,7 @@ cannot unload modules, and a reload only re-reads the configuration.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -115,7 +116,8 @@ class Supervisor:
         self.reloads = 0
         self.exit_code = 0
         self.socket_ident: tuple[int, int] | None = None
-        self._pending_config: Any = None
+        #: Configurations sent to the worker, oldest first; it answers each in order.
+        self._pending_configs: collections.deque[Any] = collections.deque()
         self.facts = SupervisorFacts(started=time.time())
         self.notifier = Notifier()
         self.http: Any = None  # the HealthServer, when metrics is set
@@ -138,11 +140,17 @@ class Supervisor:
         self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
 
     def _handle_signals(self) -> None:
-        while self._signals:
-            sig = self._signals.pop(0)
-            if sig == signal.SIGHUP:
-                self.reload()
-            elif sig in (signal.SIGTERM, signal.SIGINT):
+        """The signals that arrived before this turn of the loop; SIGHUPs count once.
+
+        A reload's check takes a moment (a child process); signals arriving
+        meanwhile wait for the next turn, so the worker's answers are read in
+        between and a stream of SIGHUPs cannot starve the loop.
+        """
+        arrived, self._signals = self._signals, []
+        if signal.SIGHUP in arrived:
+            self.reload()
+        for sig in arrived:
+            if sig in (signal.SIGTERM, signal.SIGINT):
                 self.stop(signal.Signals(sig).name)
 
     # --- the worker ----------------------------------------------------------------
@@ -185,14 +193,15 @@ class Supervisor:
         elif event == "start_failed":
             w.error = str(msg.get("error", "unknown error"))
         elif event == "reloaded":
-            self.config = self._pending_config or self.config
-            self._pending_config = None
+            if self._pending_configs:
+                self.config = self._pending_configs.popleft()
             self.reloads += 1
             self._reload_done(True)
             log.info("reload done: worker pid %d now serves %s", w.pid, msg.get("detail"))
             self.notifier.ready(f"serving: reloaded, {msg.get('detail')}")
         elif event == "reload_failed":
-            self._pending_config = None
+            if self._pending_configs:
+                self._pending_configs.popleft()
             self._reload_done(False)
             log.error("reload refused by worker pid %d (it keeps the running configuration): "
                       "%s", w.pid, msg.get("error"))
@@ -307,7 +316,7 @@ class Supervisor:
             log.info("configuration checked; no worker is serving: it applies at the next start")
             self.notifier.ready("configuration checked; it applies when a worker starts")
             return
-        self._pending_config = new
+        self._pending_configs.append(new)
         w.send({"cmd": "reload", "config": pack_config(new)})
 
     def _reload_done(self, ok: bool) -> None:
@@ -323,7 +332,7 @@ class Supervisor:
         if self.stopping:
             if self.drain_until is not None:
                 log.warning("%s again: cutting the drain period short", why)
-                self._enddrain_socket(why)
+                self._end_drain(why)
             elif w is not None and w.proc.poll() is None:
                 log.warning("%s again: killing worker pid %d now", why, w.pid)
                 with contextlib.suppress(ProcessLookupError):
@@ -347,7 +356,7 @@ class Supervisor:
             return
         self._stop_worker(why)
 
-    def _enddrain_socket(self, why: str) -> None:
+    def _end_drain(self, why: str) -> None:
         self.drain_until = None
         self.kill_at = time.monotonic() + float(self.config.daemon.shutdown_timeout) + 10.0
         self._stop_worker(why)
@@ -489,7 +498,7 @@ class Supervisor:
                 if self.worker is None:
                     return
                 if self.drain_until is not None and time.monotonic() >= self.drain_until:
-                    self._enddrain_socket("drain period over")
+                    self._end_drain("drain period over")
                 if self.kill_at is not None and time.monotonic() >= self.kill_at:
                     log.error("worker pid %d did not stop in time; killing it",
                               self.worker.pid)
