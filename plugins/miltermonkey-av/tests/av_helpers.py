@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 from miltermonkey_av.brain import AntiVirusBrain
 from miltermonkey_av.options import AntiVirusOptions
-from miltermonkey_av.testing import Clamd
+from miltermonkey_av.testing import Clamd, FakeClamd, clamd_command, instream
 from miltermonkey_av.testing import samples as av_samples
 
 from miltermonkey_core.contract.monkey import Monkey
@@ -38,6 +42,129 @@ class SmallStreamClamd(Clamd):
         text = self.config_path.read_text()
         assert "StreamMaxLength 25M" in text
         self.config_path.write_text(text.replace("StreamMaxLength 25M", "StreamMaxLength 1M"))
+
+
+class LoggingClamd(Clamd):
+    """A clamd that also logs clean scans (``LogClean yes``), so a test can count its scans."""
+
+    def _write_config(self) -> None:
+        super()._write_config()
+        text = self.config_path.read_text()
+        assert "LogClean no" in text
+        self.config_path.write_text(text.replace("LogClean no", "LogClean yes"))
+
+    def scans(self) -> list[str]:
+        """clamd's log line of every stream it scanned, clean or not."""
+        if not self.log_path.exists():
+            return []
+        return [ln for ln in self.log_path.read_text(errors="replace").splitlines()
+                if "instream(" in ln]
+
+
+def settle(directory: Path, seconds: float) -> None:
+    """Wait until the newest file in ``directory`` is ``seconds`` old (the brain's cache_settle)."""
+    newest = max([directory.stat().st_mtime] + [p.stat().st_mtime for p in directory.iterdir()])
+    time.sleep(max(0.0, newest + seconds + 0.05 - time.time()))
+
+
+def reload_with(c: Clamd, filename: str, content: str, probe: bytes, expect: str,
+                timeout: float = 90.0) -> float:
+    """Add a signature file to ``c``'s database, RELOAD, and wait until ``probe`` is found
+    as ``expect``; returns the seconds that took.  (clamd may take its time: it reloads
+    from its main loop.)"""
+    path = c.db_dir / filename
+    path.write_text(content, encoding="utf-8")
+    t0 = time.monotonic()
+    assert clamd_command(c.tcp_address, "RELOAD") == "RELOADING"
+    while time.monotonic() - t0 < timeout:
+        if expect in instream(c.tcp_address, probe):
+            return time.monotonic() - t0
+        time.sleep(0.1)
+    raise AssertionError(f"clamd did not load {filename} within {timeout} s")
+
+
+@attrs.define
+class Seen:
+    """One connection a :class:`CountingClamd` relayed."""
+
+    command: str
+    #: Message bytes received (INSTREAM).
+    size: int = 0
+    #: "scanned" (terminator received, answered), "hung up" (closed before the terminator).
+    end: str = ""
+    reply: str = ""
+
+
+class CountingClamd(FakeClamd):
+    """A pass-through to a real clamd that records every connection: the command, the
+    INSTREAM bytes and whether the client finished the stream or hung up first.
+
+    ``hold`` makes INSTREAM wait that long before it reads each frame, a slow clamd."""
+
+    def __init__(self, target: Clamd) -> None:
+        self.target = target
+        self.seen: list[Seen] = []
+        self.lock = threading.Lock()
+        super().__init__(self._relay)
+
+    def _relay(self, conn: socket.socket) -> None:
+        conn.settimeout(60)
+        buf = bytearray()
+
+        def need(count: int) -> bool:
+            while len(buf) < count:
+                data = conn.recv(65536)
+                if not data:
+                    return False
+                buf.extend(data)
+            return True
+
+        while b"\0" not in buf:
+            data = conn.recv(4096)
+            if not data:
+                return
+            buf.extend(data)
+        end = buf.index(b"\0")
+        command = buf[1:end].decode()
+        del buf[: end + 1]
+        seen = Seen(command)
+        with self.lock:
+            self.seen.append(seen)
+        if command != "INSTREAM":
+            seen.reply = clamd_command(self.target.tcp_address, command)
+            conn.sendall(seen.reply.encode() + b"\0")
+            return
+        payload = bytearray()
+        while True:
+            if not need(4):
+                seen.end = "hung up"
+                return
+            size = int.from_bytes(buf[:4], "big")
+            if size == 0:
+                break
+            if not need(4 + size):
+                seen.end = "hung up"
+                return
+            payload += buf[4 : 4 + size]
+            seen.size = len(payload)
+            del buf[: 4 + size]
+        seen.reply = instream(self.target.tcp_address, bytes(payload))
+        seen.end = "scanned"
+        conn.sendall(seen.reply.encode() + b"\0")
+
+    def streams(self) -> list[Seen]:
+        with self.lock:
+            return [s for s in self.seen if s.command == "INSTREAM"]
+
+    def wait_until(self, end: str, count: int = 1, timeout: float = 10.0) -> list[Seen]:
+        """The INSTREAM connections that ended so, once there are ``count`` of them."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [s for s in self.streams() if s.end == end]
+            if len(found) >= count:
+                return found
+            time.sleep(0.02)
+        raise AssertionError(f"{count} stream(s) ending {end!r} not seen: {self.streams()}")
 
 
 class RecordingMonkey(Monkey):
