@@ -86,7 +86,7 @@ class DaemonConfig:
     alternate_key_header: tuple[str, ...] = _opt((), header_list,
                                                  "other headers whose keys are trusted too")
     pidfile: str | None = _opt(None, optional(string()), "pid file to write (unset: none)")
-    miltername: str = _opt("MilterMonkey", string(), "name in logs and the Sendmail X= line")
+    miltername: str = _opt("MilterMonkey", string(), "name in log lines (the syslog tag)")
     threads: int = _opt(20, integer(1, 10000), "messages judged at once (worker threads)")
     jobsperthread: int = _opt(200, integer(0),
                               "messages a worker thread handles before retiring (0: never)")
