@@ -45,13 +45,18 @@ class SmallStreamClamd(Clamd):
 
 
 class LoggingClamd(Clamd):
-    """A clamd that also logs clean scans (``LogClean yes``), so a test can count its scans."""
+    """A clamd that also logs clean scans (``LogClean yes``), so a test can count its scans.
+
+    ``IdleTimeout 2``: without concurrent reloads clamd applies a RELOAD once its
+    worker threads have been idle that long (30 s by default).
+    """
 
     def _write_config(self) -> None:
         super()._write_config()
         text = self.config_path.read_text()
         assert "LogClean no" in text
-        self.config_path.write_text(text.replace("LogClean no", "LogClean yes"))
+        self.config_path.write_text(text.replace("LogClean no", "LogClean yes")
+                                    + "IdleTimeout 2\n")
 
     def scans(self) -> list[str]:
         """clamd's log line of every stream it scanned, clean or not."""

@@ -1,0 +1,112 @@
+"""Through a real Postfix: a signature update makes a cached clean message be scanned again.
+
+SMTP client -> Postfix -> the daemon (av brain, scan cache on) -> a private
+clamd whose signature directory the test changes and RELOADs.
+"""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import uuid
+from collections.abc import Callable, Iterator
+from email.message import EmailMessage
+from email.utils import formatdate
+from pathlib import Path
+
+import attrs
+import pytest
+from av_helpers import LoggingClamd, reload_with, settle, unix
+from miltermonkey_av.testing import Clamd
+
+from miltermonkey_core.testing.daemon import MonkeyProcess
+from miltermonkey_core.testing.part import require_or_skip
+from miltermonkey_core.testing.postfix import Postfix
+from miltermonkey_core.testing.process import free_port
+from miltermonkey_core.testing.sink import SmtpSink
+
+pytestmark = [pytest.mark.e2e, pytest.mark.engines]
+
+#: The brain's cache_settle here: short, so the test can wait it out.
+SETTLE = 1.0
+
+
+def send(postfix: Postfix, raw: bytes) -> tuple[int, str]:
+    with smtplib.SMTP("127.0.0.1", postfix.smtp_port, local_hostname="client.test",
+                      timeout=60) as s:
+        s.ehlo()
+        assert s.mail("alice@example.org")[0] == 250
+        assert s.rcpt("bob@example.net")[0] == 250
+        try:
+            code, text = s.data(raw)
+        except smtplib.SMTPDataError as e:
+            code, text = e.smtp_code, e.smtp_error
+    return code, text.decode(errors="replace")
+
+
+@attrs.define
+class Stack:
+    clamd: LoggingClamd
+    postfix: Postfix
+    sink: SmtpSink
+    monkey: MonkeyProcess
+
+
+@pytest.fixture
+def stack(tmp_path: Path, make_clamd: Callable[..., Clamd]) -> Iterator[Stack]:
+    require_or_skip(Postfix)
+    require_or_skip(SmtpSink)
+    c = make_clamd(LoggingClamd)
+    assert isinstance(c, LoggingClamd)
+    sink = SmtpSink(tmp_path / "sink", free_port())
+    brain = {"use": "av", "clamd": [unix(c)], "database_directory": str(c.db_dir),
+             "cache_settle": SETTLE}
+    monkey = MonkeyProcess(tmp_path / "monkey", [brain], {"hostname": "mx.example.org"})
+    postfix = Postfix(tmp_path / "postfix", free_port(), sink.port, milters=monkey.postfix_spec)
+    try:
+        sink.start()
+        monkey.start()
+        postfix.start()
+        yield Stack(c, postfix, sink, monkey)
+    finally:
+        postfix.stop()
+        monkey.stop()
+        sink.stop()
+
+
+def test_a_signature_update_makes_a_cached_clean_message_be_scanned_again_and_refused(
+        stack: Stack) -> None:
+    c, log = stack.clamd, stack.monkey.wait_for_log
+    marker = f"MilterMonkey-AV reload marker {uuid.uuid4().hex}".encode()
+    m = EmailMessage()
+    m["From"], m["To"], m["Subject"] = "alice@example.org", "bob@example.net", "reload"
+    # A real sender's: else Postfix adds a new Message-ID and Date to each copy.
+    m["Message-ID"], m["Date"] = f"<{uuid.uuid4().hex}@example.org>", formatdate()
+    m.set_content("Nothing here yet.\n\n" + marker.decode() + "\n")
+    raw = m.as_bytes()
+    settle(c.db_dir, SETTLE)
+
+    # Scanned once, then replayed: Postfix's own Received line differs, the key does not.
+    assert send(stack.postfix, raw)[0] == 250
+    assert send(stack.postfix, raw)[0] == 250
+    delivered = stack.sink.wait_for(2)
+    log("cached result replayed (continue")
+    assert [ln.split("-> ", 1)[1] for ln in c.scans()] == ["instream(local): OK"]
+
+    # A signature for it; clamd RELOADs, and answers with it.
+    name = "MilterMonkey.Test.Reload"
+    took = reload_with(c, "reload.ndb", f"{name}:0:*:{marker.hex()}\n", marker, name)
+    assert took < 90
+    settle(c.db_dir, SETTLE)  # past the settle window: the fingerprint alone forces the scan
+
+    code, text = send(stack.postfix, raw)
+    assert (code, text) == (550, f"5.7.1 Virus found: {name}.UNOFFICIAL")
+    rejected = re.findall(r"(\w+): milter-reject: END-OF-MESSAGE .*Virus found",
+                          stack.postfix.maillog())
+    assert len(rejected) == 1
+    text = log(f"{rejected[0]}: infected: {name}.UNOFFICIAL (clamd {unix(c)}")
+    assert text.count("cached result replayed") == 1
+    local = [ln.split("-> ", 1)[1] for ln in c.scans() if "instream(local)" in ln]
+    assert local == ["instream(local): OK", f"instream(local): {name}.UNOFFICIAL FOUND"]
+    stack.postfix.wait_queue_empty()
+    assert stack.sink.messages() == delivered  # nothing delivered the third time
