@@ -467,6 +467,7 @@ def test_a_permission_refusal_says_who_must_own_the_file(tmp_path: Path) -> None
         pytest.skip("becoming another user needs root")
     secret = tmp_path / "miltersecret"
     generate_secret_file(secret, "k1")
+    check_secret_file(secret)  # root may read it
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child reports through the pipe
