@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,17 @@ class CountingClamd(FakeClamd):
     def streams(self) -> list[Seen]:
         with self.lock:
             return [s for s in self.seen if s.command == "INSTREAM"]
+
+    def wait(self, done: Callable[[list[Seen]], bool], timeout: float = 10.0) -> list[Seen]:
+        """The INSTREAM connections, once ``done`` says they are as a test expects (the relay
+        reads on its own threads, a little behind the client)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            streams = self.streams()
+            if done(streams):
+                return streams
+            time.sleep(0.02)
+        raise AssertionError(f"streams not as expected: {self.streams()}")
 
     def wait_until(self, end: str, count: int = 1, timeout: float = 10.0) -> list[Seen]:
         """The INSTREAM connections that ended so, once there are ``count`` of them."""
