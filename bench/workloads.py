@@ -10,9 +10,10 @@ cache off and then on (two fresh daemons, same brains, same mail):
     milter'ed Postfix.  One message in five carries ``X-Bench-Retry``, and
     the ``tempfail-once`` brain (``bench/brains``), last in the chain after
     av and spam, answers 451 to its first attempt; the front queues it and
-    retries after about a second (``minimal_backoff_time``,
-    ``maximal_backoff_time`` and ``queue_run_delay`` of 1 s).  The rate is
-    messages delivered at the sink over the time until the last one is.
+    retries 1 to 2 s later (``minimal_backoff_time`` and
+    ``maximal_backoff_time`` 2 s, ``queue_run_delay`` 1 s; see
+    :data:`FRONT_RETRY`).  The rate is messages delivered at the sink over
+    the time until the last one is.
 ``bulk`` (b)
     The mix set, each body to 5 recipients in 5 transactions (one SMTP
     session each), byte for byte the same message: a list server whose
@@ -50,6 +51,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import cachestats
 import checks
 import loadgen
@@ -58,6 +60,7 @@ import procstats
 from console import log, loud
 from contenders import SPAM, VIRUS, Resources
 from measure import Measurer, Row, per_msg_ms
+from miltermonkey_av.options import AntiVirusOptions
 from mtas import Mta, PostfixMta
 
 from miltermonkey_core.plugins import installed_brains
@@ -73,9 +76,14 @@ LABELS = {"engines": "E3 clamd+spamd alone, once each", "retries": "(a) retries,
 RETRY_HEADER = b"X-Bench-Retry: once\r\n"
 RETRY_SHARE = 5  # one message in five
 BULK_COPIES = 5
-#: Seconds the front Postfix waits before it retries a deferred message.
-FRONT_RETRY = {"minimal_backoff_time": "1s", "maximal_backoff_time": "1s",
+#: When the front Postfix retries a deferred message: 1 to 2 s after the 4xx.  Postfix
+#: stamps the next attempt in whole seconds, so a 1 s backoff can come due at once,
+#: while the delivery agent that deferred it still holds the file locked; the queue
+#: manager then sets it aside for 60 s ("skipped, still being delivered").  2 s does not.
+FRONT_RETRY = {"minimal_backoff_time": "2s", "maximal_backoff_time": "2s",
                "queue_run_delay": "1s"}
+#: Seconds every queue must stay empty before mail that never reached the sink is given up.
+SETTLED = 3.0
 _MID = re.compile(rb"(?im)^message-id:[ \t]*(\S+)")
 
 
@@ -182,7 +190,7 @@ class Workloads:
                      for i, m in enumerate(self.set.messages)]
             marked = sum(1 for i in range(len(wires)) if i % RETRY_SHARE == 0)
             for cache in ("off", "memory"):
-                brains = [*self.res.avspam_brains(skip_if_key=False), {"use": "tempfail-once"}]
+                brains = [*self._brains(), {"use": "tempfail-once"}]
                 m = self._daemon(f"wl-retries-{cache}", brains, cache=cache)
                 try:
                     self.mta.set_milters(m.postfix_spec)
@@ -206,8 +214,7 @@ class Workloads:
         wires = one * BULK_COPIES
         rcpts = [f"list{k + 1}@sink.bench.test" for k in range(BULK_COPIES) for _ in one]
         for cache in ("off", "memory"):
-            m = self._daemon(f"wl-bulk-{cache}", self.res.avspam_brains(skip_if_key=False),
-                             cache=cache)
+            m = self._daemon(f"wl-bulk-{cache}", self._brains(), cache=cache)
             try:
                 self.mta.set_milters(m.postfix_spec)
                 self._warm(self.mta, self.warm)
@@ -231,7 +238,7 @@ class Workloads:
                     redis.start()
                     log(f"  redis on :{redis.port}")
                 cache = redis.url if on else "off"
-                brains = self.res.avspam_brains(skip_if_key=False)
+                brains = self._brains()
                 h1 = self._daemon(f"wl-host1-{'redis' if on else 'off'}", brains, cache=cache,
                                   cache_secret_file=secret)
                 h2 = self._daemon(f"wl-host2-{'redis' if on else 'off'}", brains, cache=cache,
@@ -269,6 +276,26 @@ class Workloads:
 
     # --- the parts ----------------------------------------------------------------------------
 
+    def _brains(self) -> list[dict[str, Any]]:
+        """av and spam as the contenders run them, with av's cache able to tell its database.
+
+        The bench's clamd loads a private database (EICAR only) that gives no
+        version in ``VERSION``: the av brain caches only when it can
+        fingerprint the signature files, so it is told where they are.  They
+        are written once, before clamd answered its first scan, and never
+        change during a run: no settle window is needed (``cache_settle``
+        is for a live freshclam update).  An av brain without these options
+        (before its cache) gets neither.
+        """
+        av, spam = self.res.avspam_brains(skip_if_key=False)
+        clamd, _spamd = self.res.engines()
+        known = attrs.fields_dict(AntiVirusOptions)
+        if "database_directory" in known:
+            av["database_directory"] = str(clamd.db_dir)
+        if "cache_settle" in known:
+            av["cache_settle"] = 0
+        return [av, spam]
+
     def _daemon(self, name: str, brains: list[dict[str, Any]], **opts: Any) -> MonkeyProcess:
         """A fresh av+spam daemon (empty cache) with a metrics endpoint for the hits."""
         return self.res.monkey(name, brains, metrics=f"127.0.0.1:{free_port()}", **opts)
@@ -285,16 +312,28 @@ class Workloads:
         self._wait([mta], len(wires) - len(res.failures), 120)
         self.sink.clear()
 
-    def _wait(self, mtas: Sequence[Mta], expected: int, timeout: float) -> tuple[float, int]:
-        """Until the sink holds ``expected`` and every queue is empty (front first)."""
+    def _wait(self, mtas: Sequence[Mta], expected: int, timeout: float) -> float:
+        """When every queue is empty (front first) and the sink holds ``expected`` messages.
+
+        A message refused behind the front MTA is no failure at the client,
+        and the sink never gets it: once every queue has stayed empty for
+        :data:`SETTLED` seconds nothing more can arrive, and the time the
+        queues emptied is the end.  The caller counts what did arrive.
+        """
         end = time.monotonic() + timeout
+        empty_since: float | None = None
         while True:
             if all(m.queue_count() == 0 for m in mtas):
-                n = len(self.sink.messages())
-                if n >= expected:
-                    return time.perf_counter(), n
+                now = time.perf_counter()
+                if len(self.sink.messages()) >= expected:
+                    return now
+                empty_since = empty_since or now
+                if now - empty_since >= SETTLED:
+                    return empty_since
+            else:
+                empty_since = None
             if time.monotonic() > end:
-                return time.perf_counter(), len(self.sink.messages())
+                return time.perf_counter()
             time.sleep(0.02)
 
     # --- one measurement ----------------------------------------------------------------------
@@ -319,8 +358,9 @@ class Workloads:
         clock = time.time() - time.perf_counter()  # perf_counter -> wall clock (sink mtimes)
         res = loadgen.smtp_load(entry.smtp_port, wires, self.args.concurrency, messages.SENDER,
                                 messages.RECIPIENT, recipients=rcpts)
-        t_end, delivered = self._wait(drain, expected - len(res.failures), 120 + 3 * len(wires))
+        t_end = self._wait(drain, expected - len(res.failures), 120 + 3 * len(wires))
         busy = _busy_since(busy0, total0)
+        delivered, p50_delivery = self._arrivals(wires, rcpts, res, clock)
         n = len(wires)
         mode = cachestats.cache_setting(monkey)
         row = self._base(workload, host, "redis" if mode.startswith("redis") else mode, n,
@@ -330,7 +370,7 @@ class Workloads:
         row.update({
             "inject_rate": round(n / res.elapsed, 2),
             "p50_ms": round(res.percentile(50) * 1000, 1),
-            "p50_delivery_ms": self._delivery_p50(wires, rcpts, res, clock),
+            "p50_delivery_ms": p50_delivery,
             "milter_cpu_ms": milter_ms,
             "engines_cpu_ms": engines_ms,
             "total_cpu_ms": round(milter_ms + engines_ms, 2),
@@ -356,9 +396,12 @@ class Workloads:
             self.sink.clear()
         return row
 
-    def _delivery_p50(self, wires: Sequence[bytes], rcpts: Sequence[str] | None,
-                      res: loadgen.LoadResult, clock: float) -> float | None:
-        """Median ms from a message's connect() to its file at the sink."""
+    def _arrivals(self, wires: Sequence[bytes], rcpts: Sequence[str] | None,
+                  res: loadgen.LoadResult, clock: float) -> tuple[int, float | None]:
+        """How many of ``wires`` reached the sink, and the median ms from connect() to there.
+
+        Only the mail sent counts: a bounce the front MTA wrote is not a delivery.
+        """
         sent: dict[tuple[bytes, str], float] = {}
         for i, (w, o) in enumerate(zip(wires, res.outcomes, strict=True)):
             rcpt = rcpts[i] if rcpts is not None else messages.RECIPIENT
@@ -367,12 +410,13 @@ class Workloads:
         for path in self.sink.messages():
             dump = parse_dump(path)
             key = (message_id(dump.message), dump.recipients[0] if dump.recipients else "")
-            if key in sent:
-                took.append((path.stat().st_mtime - sent[key]) * 1000)
+            started = sent.pop(key, None)
+            if started is not None:
+                took.append((path.stat().st_mtime - started) * 1000)
         if not took:
-            return None
+            return 0, None
         took.sort()
-        return round(took[(len(took) - 1) // 2], 1)
+        return len(took), round(took[(len(took) - 1) // 2], 1)
 
     def _base(self, workload: str, host: str, cache: str, n: int, delivered: int,
               seconds: float) -> Row:
