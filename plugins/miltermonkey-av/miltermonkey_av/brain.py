@@ -203,6 +203,11 @@ class AntiVirusBrain(Brain):
                 self.keys = CacheKeyMaker(options, identity)
             if options.stream_min_size:
                 self.streamer = Streamer(pool, options, self.name, monkey.log)
+        if self.streamer is None:
+            # Not streaming: leave the hooks unregistered, so the daemon can still
+            # tell the MTA not to wait for an answer to every body chunk.
+            for hook in ("body", "abort", "close"):
+                setattr(self, hook, None)
         monkey.log(20, "av: %s; infected mail: %s", self.engine.description, self.action)
 
     @classmethod
@@ -233,6 +238,7 @@ class AntiVirusBrain(Brain):
 
     @hookimpl
     def body(self, message: Message, chunk: bytes, monkey: Monkey) -> Verdict | None:
+        """Stream to clamd; unregistered (None) on an instance that does not stream."""
         if self.streamer is not None:
             self.streamer.body(message, chunk)
         return None

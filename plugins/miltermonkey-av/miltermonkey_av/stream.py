@@ -28,7 +28,7 @@ import hashlib
 import select
 import socket
 import time
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import attrs
 
@@ -88,15 +88,20 @@ class BodyStream:
             raise ScanTimeout(f"clamd {self.address}: stream not accepted within "
                               f"{self.timeout:g} s") from e
         except OSError as e:
-            raise EngineProtocolError(f"clamd {self.address}: connection lost while "
-                                      f"streaming: {e.strerror or e}") from e
+            # clamd stopped reading; its reason may still be in our buffer.
+            self._early(sock, f"connection lost while streaming: {e.strerror or e}")
         readable, _, _ = select.select([sock], [], [], 0)
         if readable:  # clamd answers early only to refuse (size limit, error), then closes
-            try:
-                text = self.client.read_reply(sock, time.monotonic() + 1.0)
-            except ScanError as e:
-                raise EngineProtocolError(str(e)) from e
-            raise StreamStopped(f"clamd {self.address} answered before the end: {text}")
+            self._early(sock, "")
+
+    def _early(self, sock: socket.socket, lost: str) -> NoReturn:
+        """clamd's reply before the end of the stream, raised as :class:`StreamStopped`;
+        :class:`EngineProtocolError` when there is none (``lost`` says what happened)."""
+        try:
+            text = self.client.read_reply(sock, time.monotonic() + 1.0)
+        except ScanError as e:
+            raise EngineProtocolError(f"clamd {self.address}: {lost}" if lost else str(e)) from e
+        raise StreamStopped(f"clamd {self.address} answered before the end: {text}")
 
     def send(self, data: bytes) -> None:
         """Send message bytes as INSTREAM frames (at most CHUNK_SIZE each)."""

@@ -178,6 +178,9 @@ def test_a_small_message_is_scanned_at_end_of_data(counting: CountingClamd) -> N
 def test_stream_min_size_0_never_streams(counting: CountingClamd) -> None:
     brain = make_brain(clamd=[counting.address], cache_ttl=0, stream_min_size=0)
     assert brain.streamer is None
+    # no body hook at all: the daemon can ask the MTA for no reply to body chunks
+    assert not any(chain_of(brain).implemented(h) for h in ("body", "abort", "close"))
+    assert chain_of(make_brain(clamd=[counting.address])).implemented("body")
     feed = start(new_session(engine_for(brain)), big_message(2 * MIB), "Q1")
     feed.body()
     assert counting.streams() == []
