@@ -149,6 +149,31 @@ def test_finish_leaves_a_trusted_alternate_header_and_strips_a_forged_one() -> N
     assert len(ours) == 1 and KeyFields.parse(ours[0]).ran == (("spam", "continue"),)
 
 
+def test_a_key_that_expires_between_inspection_and_finish_is_stripped() -> None:
+    """finish() reuses inspect()'s MAC check for an unchanged message, never its clock."""
+    relay = service(header_name="X-Relay-Key")
+    good = key_for(relay)
+    expiry = KeyFields.parse(good).expiry
+    clock = [float(expiry)]
+    mx = KeyService({"k1": relay.secrets["k1"]}, alternate_headers=["X-Relay-Key"],
+                    clock=lambda: clock[0], clock_skew=0)
+    m = msg(with_headers(RAW, ("X-Relay-Key", good)))
+    insp = mx.inspect(m)
+    assert insp.trusted is not None and insp.headers_digest is not None
+    clock[0] = expiry + 1.0  # the key expires while the brains run
+    ctx = MilterContext(m)
+    ctx.begin("core")
+    mx.finish(m, ctx, _ran("spam"), insp)
+    ctx.end()
+    out = _postfix_apply(m, ctx)
+    assert [v for n, v in out if n == "X-Relay-Key"] == []
+    # Unchanged clock: the same key stays, judged by the inspection's MAC check.
+    clock[0] = float(expiry)
+    m = msg(with_headers(RAW, ("X-Relay-Key", good)))
+    m2, ctx2 = _finish(mx, bytes(m.as_bytes()), _ran("spam"))
+    assert [v for n, v in _postfix_apply(m2, ctx2) if n == "X-Relay-Key"] == [good]
+
+
 def test_finish_lists_only_brains_that_ran() -> None:
     results = [BrainResult("a", "ran", Action.CONTINUE), BrainResult("b", "error"),
                BrainResult("c", "evaluation"), BrainResult("d", "timeout"),

@@ -155,7 +155,8 @@ class MilterContext:
             self._view.insert(index, Header.from_str(name, value))
 
     def _positions(self, name: str) -> list[int]:
-        return [i for i, h in enumerate(self._view) if h.matches(name)]
+        low = name.lower()
+        return [i for i, h in enumerate(self._view) if h.name.lower() == low]
 
     def change_header(self, name: str, value: str, index: int = 1) -> None:
         """Set the ``index``-th header called ``name``; appends if there is none."""
@@ -194,8 +195,9 @@ class MilterContext:
             return 0
         kept: list[Header] = []
         n = live = removed = 0
+        low = name.lower()
         for h in self._view:
-            if h.matches(name):
+            if h.name.lower() == low:
                 n += 1
                 live += 1
                 if doomed(h, n):

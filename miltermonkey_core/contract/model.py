@@ -65,21 +65,28 @@ class Headers(tuple[Header, ...]):
 
     __slots__ = ()
 
+    # The name is lowered once per look-up, not once per header: every message
+    # goes through these several times.
+
     def get(self, name: str, default: str | None = None) -> str | None:
+        low = name.lower()
         for h in self:
-            if h.matches(name):
+            if h.name.lower() == low:
                 return h.value
         return default
 
     def get_all(self, name: str) -> list[str]:
-        return [h.value for h in self if h.matches(name)]
+        low = name.lower()
+        return [h.value for h in self if h.name.lower() == low]
 
     def count(self, name: str) -> int:  # type: ignore[override,unused-ignore]
-        return sum(1 for h in self if h.matches(name))
+        low = name.lower()
+        return sum(1 for h in self if h.name.lower() == low)
 
     def __contains__(self, name: object) -> bool:
         if isinstance(name, str):
-            return any(h.matches(name) for h in self)
+            low = name.lower()
+            return any(h.name.lower() == low for h in self)
         return super().__contains__(name)
 
 

@@ -48,6 +48,7 @@ OBSOLETE_VERSIONS: Final = frozenset({"1"})
 #: format version, so a verifier never takes the list from the key itself.
 BOUND_HEADERS: Final = ("MIME-Version", "Content-Type", "Content-Transfer-Encoding",
                         "Content-Disposition")
+_BOUND_LOWER: Final = tuple(name.lower() for name in BOUND_HEADERS)
 #: Shortest secret accepted: the HMAC-SHA256 block of security.
 MIN_SECRET_BYTES: Final = 32
 #: A key header longer than this is not even parsed.
@@ -127,9 +128,12 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+_LENGTH = struct.Struct(">I").pack
+
+
 def _lp(data: bytes) -> bytes:
     """One length-prefixed field: 4-byte big-endian length, then the bytes."""
-    return struct.pack(">I", len(data)) + data
+    return _LENGTH(len(data)) + data
 
 
 def normalize_message_id(headers: Headers) -> str | None:
@@ -179,11 +183,15 @@ def mime_digest(headers: Headers) -> bytes:
     the message has and their values in order, all length-prefixed, so an
     absent header, an empty one and two copies all differ.
     """
+    found: dict[str, list[bytes]] = {name: [] for name in _BOUND_LOWER}
+    for h in headers:
+        values = found.get(h.name.lower())
+        if values is not None:
+            values.append(canonical_header_value(h.value))
     parts = [_MIME_DOMAIN]
-    for name in BOUND_HEADERS:
-        values = [canonical_header_value(h.value) for h in headers if h.matches(name)]
-        parts += [name.lower().encode(), str(len(values)).encode(), *values]
-    return hashlib.sha256(b"".join(_lp(p) for p in parts)).digest()
+    for name, values in found.items():
+        parts += [name.encode(), str(len(values)).encode(), *values]
+    return hashlib.sha256(b"".join(map(_lp, parts))).digest()
 
 
 @attrs.frozen
@@ -239,7 +247,7 @@ class KeyFields:
         bound = self.binding == "body"
         parts.append(body_digest if bound and body_digest is not None else b"")
         parts.append(mime_digest if bound and mime_digest is not None else b"")
-        return b"".join(_lp(p) for p in parts)
+        return b"".join(map(_lp, parts))
 
     def compute_mac(self, secret: bytes, message_id: str, body_digest: bytes | None,
                     mime_digest: bytes | None) -> str:

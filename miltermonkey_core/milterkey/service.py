@@ -8,7 +8,6 @@ the engine calls :meth:`KeyService.inspect` before the brain chain and
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
 import logging
@@ -85,6 +84,11 @@ class KeyInspection:
     checks: list[KeyCheck] = attrs.field(factory=list)
     #: Brains :meth:`skip_brains` told the engine to skip (carried forward by ``finish``).
     spared: set[str] = attrs.field(factory=set)
+    #: What the keys were judged against: the Message-ID and the bound headers'
+    #: digest (None until a key got as far as its MAC).  ``finish`` reuses a
+    #: key's MAC check when the message leaves with the same ones and its body.
+    message_id: str | None = None
+    headers_digest: bytes | None = None
 
     @property
     def trusted(self) -> KeyFields | None:
@@ -123,6 +127,23 @@ class KeyInspection:
 
 
 Digest = bytes | Callable[[], bytes]
+
+
+class _Once:
+    """A digest worked out on first use, then remembered (a key refused before its
+    MAC costs no hashing; lighter than ``functools.cache`` on a per-message path)."""
+
+    __slots__ = ("_compute", "value")
+
+    def __init__(self, compute: Callable[[], bytes]) -> None:
+        self._compute = compute
+        #: None until first asked for.
+        self.value: bytes | None = None
+
+    def __call__(self) -> bytes:
+        if self.value is None:
+            self.value = self._compute()
+        return self.value
 
 
 def _value(digest: Digest) -> bytes:
@@ -274,15 +295,18 @@ class KeyService:
                                 "since the key was made, so the body reads differently")
             return fields, (f"{Reason.BAD_MAC}: forged, altered, or made with another "
                             f"secret for key id {fields.key_id!r}")
+        return fields, self._timely(fields, now)
+
+    def _timely(self, fields: KeyFields, now: float) -> str | None:
+        """Why a key whose MAC verified is still not trusted at ``now``, or None."""
         if now > fields.expiry + self.clock_skew:
-            return fields, f"{Reason.EXPIRED} {int(now - fields.expiry)} s ago"
+            return f"{Reason.EXPIRED} {int(now - fields.expiry)} s ago"
         if fields.expiry > now + self.max_lifetime + self.clock_skew:
-            return fields, (f"{Reason.FUTURE}: {int(fields.expiry - now)} s from now, more "
-                            f"than the longest lifetime here ({self.max_lifetime} s)")
+            return (f"{Reason.FUTURE}: {int(fields.expiry - now)} s from now, more "
+                    f"than the longest lifetime here ({self.max_lifetime} s)")
         if fields.binding == "none" and self.binding == "body":
-            return fields, (f"{Reason.UNBOUND} (bind=none) while key_body_binding = body "
-                            "here")
-        return fields, None
+            return f"{Reason.UNBOUND} (bind=none) while key_body_binding = body here"
+        return None
 
     def inspect(self, message: Message) -> KeyInspection:
         """Check every key header on ``message``; store the result in its notes."""
@@ -291,18 +315,20 @@ class KeyService:
         mid = normalize_message_id(headers)
         # Each worked out once, and only if a key gets as far as its MAC: thousands
         # of forged keys cost one walk of the headers, not one each.
-        digest = functools.cache(message.body.sha256)
-        headers_digest = functools.cache(functools.partial(mime_digest, headers))
+        digest = _Once(message.body.sha256)
+        headers_digest = _Once(lambda: mime_digest(headers))
 
-        result = KeyInspection()
+        result = KeyInspection(message_id=mid)
+        found: dict[str, list[Header]] = {name.lower(): [] for name in self.header_names}
+        for h in headers:
+            same_name = found.get(h.name.lower())
+            if same_name is not None:
+                same_name.append(h)
         for name in self.header_names:
-            index = 0
-            for h in headers:
-                if not h.matches(name):
-                    continue
-                index += 1
+            for index, h in enumerate(found[name.lower()], 1):
                 fields, reason = self.check(h.value, mid, digest, headers_digest, now)
                 result.checks.append(KeyCheck(h.name, index, h.value, fields, reason))
+        result.headers_digest = headers_digest.value
         for c in result.checks:
             if c.trusted and c.fields is not None:
                 log.debug("%s: trusted milter key in %s #%d: key %s from %s, ran %s",
@@ -382,17 +408,33 @@ class KeyService:
         # The message as it leaves: a brain's replacement body, the headers after
         # every edit (no key header is a bound header, so removing keys leaves
         # the bound headers' digest as it is).
-        body_out = functools.cache(lambda: _replaced_body_digest(ctx) or message.body.sha256())
-        headers_out = functools.cache(lambda: mime_digest(ctx.headers))
+        body_out = _Once(lambda: _replaced_body_digest(ctx) or message.body.sha256())
+        headers_out = _Once(lambda: mime_digest(ctx.headers))
 
         # Remove every key header not trusted for the message as it leaves (those
         # that came with it and those a brain of this hop added), by its index in
         # the live list.
         removed = 0
 
+        # A key that came with the message was judged by ``inspect``; when the
+        # message leaves with the same Message-ID, body and bound headers, its
+        # MAC's answer stands and only the clock is asked again.
+        judged = {c.value: (c.fields, c.reason) for c in insp.checks}
+
+        def same_message() -> bool:
+            return (mid_now == insp.message_id and insp.headers_digest is not None
+                    and _replaced_body_digest(ctx) is None
+                    and headers_out() == insp.headers_digest)
+
         def untrusted(h: Header, index: int) -> bool:
             nonlocal removed
-            _, reason = self.check(h.value, mid_now, body_out, headers_out, now)
+            before = judged.get(h.value)
+            if before is not None and same_message():
+                fields, reason = before
+                if reason is None and fields is not None:
+                    reason = self._timely(fields, now)
+            else:
+                _, reason = self.check(h.value, mid_now, body_out, headers_out, now)
             if reason is None:
                 return False
             removed += 1
