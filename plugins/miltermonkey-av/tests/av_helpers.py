@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -20,6 +21,7 @@ from miltermonkey_core.contract.verdict import Action
 from miltermonkey_core.engine.build import chain_of
 from miltermonkey_core.engine.offline import OfflineResult, run_engine
 from miltermonkey_core.engine.session import Engine
+from miltermonkey_core.testing.postfix import Postfix
 
 SIGNATURES = Path(__file__).parent / "signatures"
 SENDER = "<alice@example.org>"
@@ -42,6 +44,18 @@ class SmallStreamClamd(Clamd):
         text = self.config_path.read_text()
         assert "StreamMaxLength 25M" in text
         self.config_path.write_text(text.replace("StreamMaxLength 25M", "StreamMaxLength 1M"))
+
+
+def maillog_ids(postfix: Postfix, pattern: str, count: int = 1,
+                timeout: float = 15.0) -> list[str]:
+    """The queue ids (group 1 of ``pattern``) in Postfix's log, once ``count`` are there:
+    Postfix logs through postlogd, a little after the SMTP reply."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = re.findall(pattern, postfix.maillog())
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 class LoggingClamd(Clamd):

@@ -6,7 +6,6 @@ clamd whose signature directory the test changes and RELOADs.
 
 from __future__ import annotations
 
-import re
 import smtplib
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import attrs
 import pytest
-from av_helpers import LoggingClamd, reload_with, settle, unix
+from av_helpers import LoggingClamd, maillog_ids, reload_with, settle, unix
 from miltermonkey_av.testing import Clamd
 
 from miltermonkey_core.testing.daemon import MonkeyProcess
@@ -101,8 +100,7 @@ def test_a_signature_update_makes_a_cached_clean_message_be_scanned_again_and_re
 
     code, text = send(stack.postfix, raw)
     assert (code, text) == (550, f"5.7.1 Virus found: {name}.UNOFFICIAL")
-    rejected = re.findall(r"(\w+): milter-reject: END-OF-MESSAGE .*Virus found",
-                          stack.postfix.maillog())
+    rejected = maillog_ids(stack.postfix, r"(\w+): milter-reject: END-OF-MESSAGE .*Virus found")
     assert len(rejected) == 1
     text = log(f"{rejected[0]}: infected: {name}.UNOFFICIAL (clamd {unix(c)}")
     assert text.count("cached result replayed") == 1

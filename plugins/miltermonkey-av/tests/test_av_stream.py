@@ -22,6 +22,7 @@ import pytest
 from av_helpers import (
     CountingClamd,
     SmallStreamClamd,
+    maillog_ids,
     make_brain,
     settle,
     tcp,
@@ -382,13 +383,12 @@ def test_a_5_mb_message_through_postfix_is_streamed(stack: Stack, clamd: Clamd) 
     [path] = stack.sink.wait_for(1, timeout=60)
     delivered = parse_dump(path)
     assert delivered.header_values("X-Virus-Status") == ["Clean"]
-    sent = re.findall(r"(\w+): to=<bob@example.net>.*status=sent", stack.postfix.maillog())
+    sent = maillog_ids(stack.postfix, r"(\w+): to=<bob@example.net>.*status=sent")
     log = stack.monkey.wait_for_log(f"{sent[-1]}: clean (clamd {unix(clamd)} (streamed)")
 
     code, text = stack.send(big_message(5 * MIB, virus=True, subject="five eicar"))
     assert (code, text) == (550, f"5.7.1 Virus found: {av_samples.NAME_EICAR}")
-    [qid] = re.findall(r"(\w+): milter-reject: END-OF-MESSAGE .*Virus found",
-                       stack.postfix.maillog())
+    [qid] = maillog_ids(stack.postfix, r"(\w+): milter-reject: END-OF-MESSAGE .*Virus found")
     log = stack.monkey.wait_for_log(
         f"{qid}: infected: {av_samples.NAME_EICAR} (clamd {unix(clamd)} (streamed)")
     assert "stream to clamd stopped" not in log
