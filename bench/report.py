@@ -314,7 +314,7 @@ def _workload_heading(data: dict[str, Any]) -> str:
             f"messages (mean {r['mean_kib']} KiB), {r['concurrency']} sessions, each with the "
             "cache off and on; msg/s is messages (bulk: transactions) delivered at the sink "
             "over the time until the last one was; vs E3 against the engines alone on the "
-            "same unique mail")
+            "same unique mail, measured right before each workload")
 
 
 def _workload_rows(data: dict[str, Any]) -> list[Row]:
