@@ -13,6 +13,7 @@ import pytest
 
 from miltermonkey_core import Brain, Message, MilterContext, Monkey, NoOptions, hookimpl
 from miltermonkey_core.contract.model import message_from_bytes
+from miltermonkey_core.engine.breaker import CircuitBreaker
 from miltermonkey_core.engine.build import chain_of
 from miltermonkey_core.engine.cache import CachedResult, EntryCodec, MemoryCache, cache_key
 from miltermonkey_core.engine.cache_redis import PREFIX, RedisCache
@@ -305,6 +306,45 @@ def test_an_earlier_final_verdict_drops_the_later_brains_result() -> None:
     assert decision.verdict is not None and decision.verdict.brain == "av"
     assert [r.brain for r in decision.results] == ["av"]
     assert decision.ctx.edits == [] and fast.calls == 1  # it ran; its result was dropped
+
+
+def test_a_half_open_breaker_on_an_overlapped_brain_is_probed_once_and_closes() -> None:
+    """The walk takes the half-open breaker's one probe; starting the brain ahead must
+    not ask again (it would be refused, and the probe never settled)."""
+    flaky, other = Scanner("av", **{"raise": True}), Scanner("spam")
+    e = engine(flaky, other)
+    e.cache = None
+    now = [1000.0]
+    breaker = CircuitBreaker(failures=1, window=60, cooldown=30, clock=lambda: now[0])
+    e.chain.slots[0].breaker = breaker
+    decision, _ = run_overlapped(e, raw())
+    assert [r.outcome for r in decision.results] == ["error"] and breaker.state == "open"
+    decision, _ = run_overlapped(e, raw())
+    assert [r.outcome for r in decision.results] == ["open"]
+    now[0] += 31  # cool-down over: half-open, the next message probes
+    flaky.behaviour = {}
+    calls = flaky.calls
+    decision, _ = run_overlapped(e, raw())
+    assert flaky.calls == calls + 1 and breaker.state == "closed"
+    assert [r.outcome for r in decision.results] == ["ran", "ran"]
+
+
+def test_a_moot_probe_started_ahead_lets_another_message_probe() -> None:
+    """A later brain started ahead as a half-open probe, then made moot by an earlier
+    brain's final verdict, gives the probe back."""
+    first, flaky = Scanner("av"), Scanner("spam", **{"raise": True})
+    e = engine(first, flaky)
+    e.cache = None
+    now = [1000.0]
+    breaker = CircuitBreaker(failures=1, window=60, cooldown=30, clock=lambda: now[0])
+    e.chain.slots[1].breaker = breaker
+    run_overlapped(e, raw())
+    assert breaker.state == "open"
+    now[0] += 31
+    first.delay = 0.1
+    decision, _ = run_overlapped(e, raw(body="VIRUS"))  # av refuses: spam's result is moot
+    assert decision.verdict is not None and decision.verdict.brain == "av"
+    assert breaker.allow()  # the probe is free again
 
 
 def test_an_overlapped_failure_gets_its_own_policy() -> None:

@@ -108,9 +108,15 @@ class EomRun:
         try:
             return self._walk()
         finally:
-            for ahead in self.ahead.values():  # results an earlier final verdict made moot
+            for slot in self.chain.slots:  # results an earlier verdict made moot
+                ahead = self.ahead.get(slot.name)
+                if ahead is None:
+                    continue
                 if self.overlap is not None:
                     self.overlap.detach(ahead.handle)
+                # Never accounted: if it was a half-open breaker's probe, another
+                # message probes instead of the breaker staying half-open for good.
+                slot.breaker.abort_probe()
 
     def _walk(self) -> EomOutcome:
         slots = self.chain.slots
@@ -345,7 +351,9 @@ class EomRun:
                 if hit is not None:  # replayed in its turn, not run
                     self.hits[slot.name] = hit
                     continue
-            if not slot.breaker.allow():
+            # The walk asked slots[index]'s breaker already: asking again would take
+            # a half-open breaker's one probe twice, and refuse it the second time.
+            if slot is not self.chain.slots[index] and not slot.breaker.allow():
                 continue  # its turn reports the open breaker
             private = MilterContext(self.message, self.ctx.allowed)
             private.begin(slot.name)
