@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+from miltermonkey_av.options import DEFAULT_CACHE_IGNORE_HEADERS
 from miltermonkey_av.testing.client import clamd_command
 from miltermonkey_av.testing.engine import Clamd
 from miltermonkey_av.testing.samples import EICAR
@@ -208,8 +209,16 @@ class MonkeyHost:
 
 
 def av_brain(clamd: Clamd, **options: Any) -> dict[str, Any]:
+    """av on the shared clamd, its verdicts in the shared cache.
+
+    The drills' own tracking headers (``X-Fleet-*``) are ignored by the cache
+    key like trace headers: the drills send one content under several tags.
+    The private clamd's signatures are fingerprinted from its directory, with
+    a short settle window since the drills RELOAD on purpose.
+    """
     return {"use": "av", "clamd": [f"unix:{clamd.unix_socket}"], "skip_if_key": True,
-            "scan_timeout": 20, **options}
+            "scan_timeout": 20, "database_directory": str(clamd.db_dir), "cache_settle": 1,
+            "cache_ignore_headers": [*DEFAULT_CACHE_IGNORE_HEADERS, "X-Fleet-*"], **options}
 
 
 class Fleet:
@@ -317,7 +326,9 @@ def message(run: str, seq: int, kind: str = "clean", size: int = 2048,
         body = line * max(1, size // len(line))
         if kind == "eicar":
             body = body[: size // 2] + EICAR + b"\n" + body[size // 2:]
+    # A Date of its own, as real clients send: Postfix would add one at each attempt.
     head = (f"From: <{SENDER}>\nTo: <{RECIPIENT}>\nSubject: {run} {seq} {kind}\n"
+            "Date: Thu, 03 Dec 2026 10:00:00 +0000\n"
             f"Message-ID: <{run}.{seq}@client.test>\nX-Fleet-Run: {run}\n"
             f"X-Fleet-Seq: {seq}\nX-Fleet-Kind: {kind}\n\n").encode()
     return head + body
