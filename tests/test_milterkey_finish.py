@@ -507,3 +507,34 @@ def test_a_brain_that_ran_again_gets_a_fresh_lifetime() -> None:
     hop2.finish(m, ctx, _ran("av", "spam"), insp)
     (value,) = [v for n, v in _postfix_apply(m, ctx) if n == "X-Milter-Key"]
     assert KeyFields.parse(value).expiry == NOW + 432000
+
+
+@pytest.mark.parametrize("change", ["body", "content-type", "message-id", "nothing"])
+def test_an_arriving_key_is_judged_again_when_the_message_changed(change: str) -> None:
+    """finish() may reuse inspect()'s answer only for a message that leaves as it came."""
+    relay = service(header_name="X-Relay-Key")
+    mx = service(alternate_headers=["X-Relay-Key"])
+    good = key_for(relay)
+    forged = key_for(service({"k1": SECRET2}))  # gets as far as its MAC on arrival
+
+    def edit(ctx: MilterContext) -> None:
+        if change == "body":
+            ctx.replace_body(b"other\r\n")
+        elif change == "content-type":
+            ctx.add_header("Content-Type", "application/octet-stream")
+        elif change == "message-id":
+            ctx.change_header("Message-ID", "<m9@example.org>")
+        ctx.add_header("X-Relay-Key", good)  # a brain's copy of the arriving key
+
+    m = msg(with_headers(RAW, ("X-Relay-Key", good), ("X-Milter-Key", forged)))
+    insp = mx.inspect(m)
+    assert insp.headers_digest is not None
+    ctx = MilterContext(m)
+    ctx.begin("editor")
+    edit(ctx)
+    ctx.end()
+    ctx.begin("core")
+    mx.finish(m, ctx, _ran("editor"), insp)
+    ctx.end()
+    kept = ctx.headers.get_all("X-Relay-Key")
+    assert kept == ([good, good] if change == "nothing" else []), change
