@@ -148,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the copies and mutmut's results go")
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--keep", action="store_true",
-                        help="reuse the last run's work directory (mutmut re-runs only "
-                        "what changed)")
+                        help="reuse the last run's work directory: mutmut re-runs only "
+                        "the mutants of changed functions, not those a changed test might "
+                        "now kill")
     parser.add_argument("--target", action="append", help="run only these targets (by name)")
     parser.add_argument("--show-survivors", action="store_true")
     args = parser.parse_args(argv)
