@@ -199,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, on_signal)
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    machine = report.machine_info()  # now: its load average is the one at the start
     bench = Bench(args, work)
     log(f"state in {work}; {args.count} messages per size, {args.concurrency} sessions, "
         f"sizes {','.join(args.sizes)}; contenders {','.join(args.contenders)}"
@@ -223,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": " ".join(["python bench/run.py", *(argv if argv is not None
                                                        else sys.argv[1:])]),
         "args": dict(vars(args)),
-        "machine": report.machine_info(),
+        "machine": machine,
         "versions": report.versions(args.mta),
         "results": bench.results,
         "sessions": bench.sessions,
