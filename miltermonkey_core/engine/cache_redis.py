@@ -23,7 +23,7 @@ from typing import Any
 import redis
 
 from miltermonkey_core.engine.cache import CachedResult, CacheStats, EntryCodec
-from miltermonkey_core.logs import ROOT
+from miltermonkey_core.logs import ROOT, current_queue_id
 
 log = logging.getLogger(f"{ROOT}.cache")
 
@@ -81,14 +81,14 @@ class RedisCache:
             result = self.codec.decode(key, data)
         except (ValueError, TypeError) as e:
             result = None
-            log.warning("scan cache %s: entry %s does not parse (%s); ignored", self.url,
-                        key.hex()[:16], e)
+            log.warning("%s: scan cache %s: entry %s does not parse (%s); ignored",
+                        current_queue_id(), self.url, key.hex()[:16], e)
         if result is None or result.expires <= time.time():
             if result is None:
                 self.stats.forged += 1
-                log.warning("scan cache %s: entry %s has a bad signature (written by someone "
-                            "without the secret, or with another one); not trusted, the brain "
-                            "runs", self.url, key.hex()[:16])
+                log.warning("%s: scan cache %s: entry %s has a bad signature (written by "
+                            "someone without the secret, or with another one); not trusted, "
+                            "the brain runs", current_queue_id(), self.url, key.hex()[:16])
             self.stats.misses += 1
             return None
         self.stats.hits += 1
