@@ -247,6 +247,14 @@ class _MimeStream:
         self.leaf: _Leaf | None = None
         self.state = _HEADERS
         self.entity = _Entity(depth, is_part, in_digest=False)
+        #: The first line of mail found by its ``From `` magic is the mbox envelope
+        #: line ("From sender date"), not a header and not the body: mail parsers,
+        #: clamd's included, skip it.  Taken for the body it would be sniffed as
+        #: mail again, and again: "From the desk of..." nested to the depth limit.
+        self.envelope_line_possible = True
+        #: Set when that line was skipped: "From " magic and then no header
+        #: field is text that merely starts with "From", not a message.
+        self.envelope_only = False
         walk.reach(depth, "a message inside a message")
 
     # --- bytes to lines
@@ -301,7 +309,9 @@ class _MimeStream:
     def _next_line_that_matters(self) -> re.Pattern[bytes] | None:
         """What finds the next line to look at: None when no later line matters."""
         if self.state == _HEADERS:
-            return _EVERY_LINE if self.entity.collecting is not None else _HEADER_OF_NOTE
+            if self.entity.collecting is not None or self.envelope_only:
+                return _EVERY_LINE
+            return _HEADER_OF_NOTE
         if not self.frames:
             return None  # a single body to its end: only the leaf wants it
         return _delimiter_lines(tuple(f.delimiter for f in self.frames))
@@ -354,6 +364,13 @@ class _MimeStream:
 
     def _header(self, raw: bytes, text: bytes) -> None:
         entity = self.entity
+        if self.envelope_line_possible:
+            self.envelope_line_possible = False
+            if text.startswith((b"From ", b">From ")):
+                self.envelope_only = True
+                return
+        elif self.envelope_only and _HEADER_FIELD.match(text):
+            self.envelope_only = False  # a header field: it is a message after all
         if not text:
             self._begin_body()
             return
@@ -393,6 +410,13 @@ class _MimeStream:
 
     def _begin_body(self) -> None:
         entity = self.entity
+        if self.envelope_only:
+            # No header after the "From " line: plain text, looked at no further
+            # (else each line starting "From" would be one more level of mail).
+            self.envelope_only = False
+            self.leaf = _Leaf(DISCARD, b"")
+            self.state = _LEAF
+            return
         mime_type, boundary = _content_type(entity)
         encoding = bytes(entity.encoding or b"").strip().lower()
         if mime_type.startswith(b"multipart/") and boundary:

@@ -63,6 +63,29 @@ def zip_of(files: dict[str, bytes], method: int = zipfile.ZIP_DEFLATED) -> bytes
 # --- what it counts -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("text", [
+    b"From the desk of the CEO: hello.\r\n",
+    b"From the desk\r\nFrom the desk\r\nFrom here on, nothing.\r\n",
+    b">From a quoted mbox line\r\n",
+])
+def test_a_body_that_starts_with_from_is_not_mail_inside_mail(text: bytes) -> None:
+    """A plain body starting "From " looks like mbox to clamd's typing: the mbox line
+    is skipped, not taken for the body and sniffed again at every level."""
+    raw = b"From: a@example.org\r\nSubject: memo\r\n\r\n" + text
+    s = inspect([raw])
+    assert s.exceeded is None and s.depth <= 1, s
+
+
+def test_mbox_envelope_lines_still_count_each_nested_message() -> None:
+    inner = b"From someone@example.org Thu Dec  3 10:00:00 2026\r\nSubject: inner\r\n\r\nx\r\n"
+    nested = inner
+    for _ in range(5):
+        nested = (b"From someone@example.org Thu Dec  3 10:00:00 2026\r\nSubject: fwd\r\n"
+                  b"\r\n" + nested)
+    s = walk(b"From: a@example.org\r\nSubject: t\r\n\r\n" + nested)
+    assert s.depth == 6, s  # five forwards and the inner message, each one level
+
+
 def test_the_shipped_samples_are_far_inside_the_defaults() -> None:
     for s in av_samples.SAMPLES:
         result = walk(s.raw, max_depth=DEFAULT_MAX_DEPTH, max_parts=DEFAULT_MAX_PARTS)
