@@ -110,7 +110,7 @@ def make_cache(config: Config) -> ScanCache | None:
         raise config.error("a shared scan cache signs its entries: set cache_secret_file, "
                            "or milter_key = true with miltersecretfile", key="cache")
     try:
-        secrets = load_secrets(secret_file)
+        secrets = load_secrets(secret_file, d.user)
     except SecretError as e:
         raise config.error(f"cannot read the cache secret: {e}", key="cache") from None
     secret = secrets.get(d.key_id or "", next(iter(secrets.values())))
