@@ -256,8 +256,12 @@ def start_c_milter(res: Resources, c: Contender) -> Running:
                    child.stop)
 
 
-def start_monkey_trivial(res: Resources, c: Contender, *, unix: bool) -> Running:
-    return res.monkey_running(c, res.monkey(c.key, [{"use": "trivial"}], unix=unix))
+def start_monkey_trivial(res: Resources, c: Contender, *, unix: bool,
+                         when: dict[str, Any] | None = None) -> Running:
+    brain: dict[str, Any] = {"use": "trivial"}
+    if when is not None:
+        brain["when"] = when
+    return res.monkey_running(c, res.monkey(c.key, [brain], unix=unix))
 
 
 def start_clamav_milter(res: Resources, c: Contender) -> Running:
@@ -388,6 +392,13 @@ register(Contender("c-tuned", "2d C libmilter milter, tuned, TCP", start_c_milte
 register(Contender("mm-trivial", "3a miltermonkey trivial, TCP",
                    P(start_monkey_trivial, unix=False), markers=MONKEY, vs_c=True,
                    vs_bare_tuned=True))
+register(Contender("mm-trivial-when", "3w miltermonkey trivial with a when condition, TCP",
+                   # A condition that holds for the bench's client (it is not in
+                   # TEST-NET-1): the brain runs, and the daemon asks for and
+                   # decides the client's address for each session.
+                   P(start_monkey_trivial, unix=False,
+                     when={"client_not_in": ["192.0.2.0/24"]}),
+                   markers=MONKEY, vs_c=True, vs_bare_tuned=True))
 register(Contender("mm-trivial-unix", "3b miltermonkey trivial, UNIX",
                    P(start_monkey_trivial, unix=True), markers=MONKEY, vs_c=True,
                    vs_bare_tuned=True))

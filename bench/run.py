@@ -18,6 +18,7 @@ message set at the same concurrency through each one in turn, size by size
     bare-unix        the same as bare, UNIX socket
     c-tuned          a C libmilter milter adding a header, tuned like bare-tuned, TCP
     mm-trivial       MilterMonkey, trivial brain, TCP
+    mm-trivial-when  the same with a `when` condition that holds (client_not_in), TCP
     mm-trivial-unix  MilterMonkey, trivial brain, UNIX socket
     peers            clamav-milter + spamass-milter chained (Debian)
     mm-avspam        MilterMonkey, av + spam brains (milter key signing when available)
