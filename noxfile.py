@@ -14,18 +14,19 @@ nox.options.sessions = ["tests", "lint", "types", "layers"]
 nox.options.reuse_existing_virtualenvs = True
 
 PACKAGES = ["-e", ".", "-e", "plugins/miltermonkey-av", "-e", "plugins/miltermonkey-spam",
-            "-e", "tests/fixture_brains", "-e", "tests/brains_fixture"]
+            "-e", "tests/dists/miltermonkey-fixture-brains",
+            "-e", "tests/dists/miltermonkey-keytest-brains"]
 
 
 #: pymilter is no part of the daemon: the test suite uses it as an independent
 #: milter to check the test kit's MTA side against, and the benchmarks as the
 #: bare-milter contender.
 DEV_TOOLS = ["pytest>=8", "hypothesis>=6.100", "pymilter>=1.0.5", "redis>=5",
-             # tests/test_packaging.py builds the wheels users install
+             # tests/meta/test_packaging.py builds the wheels users install
              "build>=1.2", "setuptools>=77"]
 
 #: miltertest (GPLv3) is an MTA side independent of ours, for
-#: tests/test_quit_nc_miltertest.py: installed for the tests only, never a
+#: tests/daemon/test_quit_nc_miltertest.py: installed for the tests only, never a
 #: dependency of a MilterMonkey package.
 DEV_TOOLS += ["miltertest>=1.0"]
 
@@ -142,11 +143,12 @@ def long(session: nox.Session) -> None:
     Results are recorded in docs/operations.md.
     """
     install_project(session)
-    session.run("pytest", "-s", "tests/test_reliability_postfix.py", "tests/test_fuzz.py",
-                "tests/test_reliability.py::test_no_leak_over_many_messages",
-                "tests/test_metrics_postfix.py",
+    session.run("pytest", "-s", "tests/e2e/test_reliability_postfix.py",
+                "tests/daemon/test_fuzz.py",
+                "tests/daemon/test_reliability.py::test_no_leak_over_many_messages",
+                "tests/e2e/test_metrics_postfix.py",
                 "plugins/miltermonkey-av/tests/test_av_limits_long.py",
-                "tests/test_connection_drill.py", *session.posargs,
+                "tests/daemon/test_connection_drill.py", *session.posargs,
                 env={"MILTERMONKEY_LONG": "1", "MILTERMONKEY_FAULT_REPORT": "faults.json",
                      "MILTERMONKEY_FUZZ_REPORT": "fuzz.json",
                      "MILTERMONKEY_DRILL_REPORT": "drill.json"})

@@ -53,7 +53,7 @@ if [ -d "$SA_KEYS" ] && command -v gpgconf >/dev/null; then
     gpgconf --homedir "$SA_KEYS" --kill gpg-agent 2>/dev/null || true
 fi
 
-# Sendmail, for tests/test_e2e_sendmail.py.  Debian's sendmail-bin conflicts
+# Sendmail, for tests/e2e/test_e2e_sendmail.py.  Debian's sendmail-bin conflicts
 # with postfix (both are the mail-transport-agent), so it is never installed:
 # sendmail-bin, sendmail-base and sendmail-cf of the same version are
 # unpacked into a private prefix and the tests run the binary from there

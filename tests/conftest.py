@@ -1,10 +1,22 @@
-"""Fixtures shared by several test modules of the core's own suite."""
+"""Fixtures shared by several test modules of the core's own suite.
+
+The suite is arranged by tier: ``unit/`` (in-process), ``daemon/`` (the
+daemon over real sockets, no MTA), ``e2e/`` (real Postfix or Sendmail,
+clamd, spamd, Redis), ``meta/`` (the docs, packaging, the scaffold and the
+example brain), ``fleet/`` (``nox -s fleet``).  ``support/`` holds helpers
+several tiers import; ``dists/`` the brain distributions the tests install.
+"""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "support"))
+
 from user_venv import ROOT, UserVenv, build_distributions
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_reliability_support import (
+from reliability_support import (
     LONG,
     RawMilter,
     alive_and_serving,

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from test_reliability_support import OPTNEG, RawMilter, connect_packet
+from reliability_support import OPTNEG, RawMilter, connect_packet
 
 from miltermonkey_core.testing.cleanup import InsertHeader
 from miltermonkey_core.testing.client import MilterClient

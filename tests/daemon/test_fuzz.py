@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_reliability_support import (
+from reliability_support import (
     LONG,
     OPTNEG,
     alive_and_serving,

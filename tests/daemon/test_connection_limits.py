@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import pytest
+from reliability_support import RawMilter, alive_and_serving, connect_packet
 from test_protocol_state import log_line, peer
-from test_reliability_support import RawMilter, alive_and_serving, connect_packet
 
 from miltermonkey_core.config.endpoint import parse_connection
 from miltermonkey_core.milter.connection import MilterConnection, Timeouts

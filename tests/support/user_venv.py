@@ -32,7 +32,7 @@ from packaging.utils import canonicalize_name
 from miltermonkey_core.testing.daemon import render_config
 from miltermonkey_core.testing.process import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 REQUIRE_ENV = "MILTERMONKEY_REQUIRE_STACK"
 
 #: The distributions this project publishes, by source directory.

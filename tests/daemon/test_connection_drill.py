@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_reliability_support import LONG, children_of, message
+from reliability_support import LONG, children_of, message
 
 from miltermonkey_core.testing.client import run_session
 from miltermonkey_core.testing.daemon import render_config
@@ -256,7 +256,11 @@ def legit_elsewhere(address: tuple[str, int], count: int, seconds: float
     threads must not delay an MTA's OPTNEG by holding this process's GIL."""
     code = ("import json, sys; from test_connection_drill import legit_sessions; "
             f"print(json.dumps(legit_sessions({address!r}, {count}, {seconds})))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent,
+    here = Path(__file__).parent
+    path = os.pathsep.join([str(here), str(here.parent / "support"),
+                            os.environ.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", code], cwd=here,
+                         env={**os.environ, "PYTHONPATH": path},
                          capture_output=True, text=True, timeout=seconds + count * 12,
                          check=True).stdout
     latencies, failures = json.loads(out.splitlines()[-1])

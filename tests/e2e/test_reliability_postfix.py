@@ -39,7 +39,7 @@ import attrs
 import pytest
 from miltermonkey_av.testing import Clamd
 from miltermonkey_spam.testing import Spamd
-from test_reliability_support import (
+from reliability_support import (
     LONG,
     render_brains_reload,
     start_with_overrides,

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from miltermonkey_av.testing import EICAR, Clamd
-from test_reliability_support import RawMilter, connect_packet, rss_kib, worker_pid
+from reliability_support import RawMilter, connect_packet, rss_kib, worker_pid
 
 from miltermonkey_core.testing.client import MessageSpec, run_session
 from miltermonkey_core.testing.daemon import MonkeyProcess

@@ -1,7 +1,7 @@
 """The milter key over real sockets: two daemons, hop 1 signs, hop 2 skips.
 
 Both daemons share one secret file and run two brains from the
-``tests/brains_fixture`` distribution: ``keytest-a`` (``skip_if_key = true``)
+``tests/dists/miltermonkey-keytest-brains`` distribution: ``keytest-a`` (``skip_if_key = true``)
 and ``keytest-b``.  Each stamps the message with the host it ran on, so which
 hop ran which brain is read off the message hop 2 lets through.  Every
 tampered key must make hop 2 run both brains and strip the bad header.
@@ -35,7 +35,7 @@ from miltermonkey_core.testing.cleanup import AppliedMessage
 from miltermonkey_core.testing.client import MilterClient, SessionResult
 from miltermonkey_core.testing.daemon import MonkeyProcess
 
-FIXTURE = Path(__file__).parent / "brains_fixture"
+FIXTURE = Path(__file__).parents[1] / "dists" / "miltermonkey-keytest-brains"
 HOP1 = "hop1.example.test"
 HOP2 = "hop2.example.test"
 BRAINS = [{"use": "keytest-a", "skip_if_key": True}, {"use": "keytest-b"}]
@@ -46,7 +46,7 @@ RAW = (b"Message-ID: <keytest-1@example.org>\r\nFrom: alice@example.org\r\n"
 
 @pytest.fixture(scope="session")
 def keytest_brains() -> None:
-    """Install tests/brains_fixture (editable) when its brains are not installed yet."""
+    """Install the keytest brains (tests/dists) editable unless they are installed already."""
     if {"keytest-a", "keytest-b"} <= set(installed_brains()):
         return
     proc = subprocess.run(
