@@ -187,6 +187,8 @@ def test_postfix_and_sendmail_deliver_the_same_header_order(
     assert res.ok, res
     via_postfix = [(k, v) for k, v in parse_dump(postfix_stack.sink.wait_for_text(
         f"Subject: {subject}".encode(), timeout=30)).headers() if k != "Received"]
+    print(f"\n{subject}: delivered via Sendmail {via_sendmail}\n"
+          f"{subject}: delivered via Postfix  {via_postfix}")  # shown with pytest -s
     assert via_sendmail == via_postfix
     assert via_postfix[-2:] == [(names[0], "first"), (names[1], "second")]
 
