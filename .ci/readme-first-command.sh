@@ -94,14 +94,17 @@ EOF
 
 # Stop the daemon the way an admin (or systemd) does: SIGTERM to the process of
 # `miltermonkey run` (its supervisor).  The shell may have exec'd it as the
-# last command of the line, or still wait for it as its one child.
-if ps -o args= -p "$pid" | grep -q 'miltermonkey run'; then
+# last command of the line, or still wait for it as its one child.  `run`
+# execs the supervisor afresh in the same pid, so its arguments read
+# `python3 -m miltermonkey_core.server.supervisor ...` by then.
+supervisor_args='miltermonkey run|-m miltermonkey_core\.server\.supervisor'
+if ps -o args= -p "$pid" | grep -qE "$supervisor_args"; then
     daemon=$pid
 else
     daemon=$(ps -o pid= --ppid "$pid" | tr -d ' ')
 fi
 if [ -z "$daemon" ] || [ "$(printf '%s\n' "$daemon" | grep -c '')" -ne 1 ] \
-        || ! ps -o args= -p "$daemon" | grep -q 'miltermonkey run'; then
+        || ! ps -o args= -p "$daemon" | grep -qE "$supervisor_args"; then
     echo "readme-first-command: cannot tell the process of 'miltermonkey run' under" \
          "pid $pid: ${daemon:-none}" >&2
     exit 1
