@@ -41,7 +41,7 @@ from miltermonkey_av.testing import Clamd
 from miltermonkey_spam.testing import Spamd
 
 from miltermonkey_core.testing.daemon import MonkeyProcess
-from miltermonkey_core.testing.process import free_port
+from miltermonkey_core.testing.process import free_port, port_in_use
 
 HERE = Path(__file__).resolve().parent
 SPAM_LIMIT = loadgen.SPAMC_MAX_SIZE
@@ -233,7 +233,7 @@ def start_bare(res: Resources, c: Contender, *, tuned: bool, unix: bool) -> Runn
     else:
         port = free_port()
         lib, spec = f"inet:{port}@127.0.0.1", f"inet:127.0.0.1:{port}"
-        ready = functools.partial(peers.port_listening, port)
+        ready = functools.partial(port_in_use, port)
     (w / c.key).mkdir(exist_ok=True)
     cmd = [sys.executable, str(HERE / "bare_milter.py"), *(["--tuned"] if tuned else []), lib]
     child = peers.Child(c.key, cmd, w / c.key / "stdout.log")
@@ -251,7 +251,7 @@ def start_c_milter(res: Resources, c: Contender) -> Running:
     port = free_port()
     child = peers.Child(c.key, [str(binary), f"inet:{port}@127.0.0.1"],
                         res.work / c.key / "stdout.log")
-    peers.wait_for(c.key, lambda: peers.port_listening(port), 20, child.alive, child.log)
+    peers.wait_for(c.key, lambda: port_in_use(port), 20, child.alive, child.log)
     return Running(c, f"inet:127.0.0.1:{port}", lambda: [child.pid] if child.alive() else [],
                    child.stop)
 

@@ -21,31 +21,20 @@ libmilter programs too); they are measured as Debian ships them.
 from __future__ import annotations
 
 import contextlib
-import errno
 import grp
 import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from miltermonkey_core.testing.process import port_in_use, stop_popen
+
 #: Everything started through :class:`Child`, for the last-resort cleanup.
 STARTED: list[Child] = []
-
-
-def port_listening(port: int) -> bool:
-    """Is something listening on 127.0.0.1:port?  (A bind test: no connection is made.)"""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError as e:
-            return e.errno == errno.EADDRINUSE
-        return False
 
 
 def wait_for(what: str, ready: Callable[[], bool], timeout: float,
@@ -98,14 +87,7 @@ class Child:
         return self.proc.poll() is None
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_popen(self.proc, timeout)
         with contextlib.suppress(ValueError):
             STARTED.remove(self)
 
@@ -186,7 +168,7 @@ class ClamavMilter(Peer):
         chown_tree(d, "clamav")
         child = Child(self.name, [_sbin("clamav-milter"), "-c", str(conf)], d / "stdout.log")
         self.children.append(child)
-        wait_for(self.name, lambda: port_listening(self.port), 30, child.alive,
+        wait_for(self.name, lambda: port_in_use(self.port), 30, child.alive,
                  d / "clamav-milter.log")
 
 
@@ -220,7 +202,7 @@ class SpamassMilter(Peer):
                "--", "-d", "127.0.0.1", "-p", str(self.spamd_port)]
         child = Child(self.name, cmd, d / "stdout.log", cwd=d)
         self.children.append(child)
-        wait_for(self.name, lambda: port_listening(self.port), 30, child.alive,
+        wait_for(self.name, lambda: port_in_use(self.port), 30, child.alive,
                  d / "stdout.log")
 
 
@@ -352,7 +334,7 @@ class MimeDefang(Peer):
             "-P", str(d / "run" / "mimedefang.pid"),
             "-m", str(mx_sock), "-p", f"inet:{self.port}@127.0.0.1"], d / "mimedefang.log")
         self.children.append(md)
-        wait_for("mimedefang", lambda: port_listening(self.port), 30, md.alive,
+        wait_for("mimedefang", lambda: port_in_use(self.port), 30, md.alive,
                  d / "mimedefang.log")
         # wait until the pre-forked workers have compiled SpamAssassin's rules
         end = time.monotonic() + 120

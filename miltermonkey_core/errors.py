@@ -64,7 +64,7 @@ class BrainLoadError(MonkeyError):
 
 
 class ReplyError(MonkeyError, ValueError):
-    """An SMTP reply that libmilter or the MTA would refuse or mangle."""
+    """An SMTP reply that the MTA would refuse or mangle."""
 
 
 class ActionNotNegotiated(MonkeyError):

@@ -3,8 +3,8 @@
 The seed's "milter that doesn't actually do very much".  It proves the
 pipeline end to end and is the floor of the framework's overhead in
 benchmarks: it needs neither the connection, the envelope, the headers nor
-the body, so the daemon negotiates all of those away (or, over TCP, lets
-libmilter answer the connect step without entering Python).
+the body, so the daemon negotiates all of those away and the MTA does not
+send them.
 """
 
 from __future__ import annotations

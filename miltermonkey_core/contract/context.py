@@ -1,6 +1,6 @@
 """The milter context brains write to: it records edits and verdicts, applies nothing.
 
-Recording instead of calling libmilter directly buys three things: edits are
+Recording instead of sending edits to the MTA at once buys three things: edits are
 applied once, at end of message, in brain order; a brain that fails can be
 rolled back as if it never ran; and the same code runs offline (``try``, the
 test runner, evaluation mode).

@@ -1,8 +1,8 @@
 """The data brains see: the SMTP session, the envelope, the headers and the body.
 
-These are plain attrs models with no pymilter type in them, so a brain can be
-unit-tested without an MTA and the adapter stays the only module that knows
-libmilter.  Header values keep their raw bytes because mail headers are not
+These are plain attrs models with no protocol type in them, so a brain can be
+unit-tested without an MTA and ``milter/`` stays the only package that knows
+the wire.  Header values keep their raw bytes because mail headers are not
 always UTF-8 and a signature (DKIM, the milter key) must see what was sent.
 """
 

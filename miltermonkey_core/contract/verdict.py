@@ -2,8 +2,9 @@
 
 A reply text often carries data from the mail (a virus name, a sender), so
 everything here assumes it is hostile: CR/LF cannot start a new reply line or
-header, ``%`` is doubled for libmilter's formatter, and codes are checked
-against the disposition (libmilter silently drops a 5xx text on a tempfail).
+header, ``%`` is doubled for the MTA's formatter, and codes are checked
+against the disposition (a 5xx code on a tempfail would turn a retry into a
+bounce).
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ class Action(enum.Enum):
 
 
 def sanitize_reply_text(text: str) -> list[str]:
-    """Turn untrusted text into reply lines libmilter accepts verbatim.
+    """Turn untrusted text into reply lines an MTA takes verbatim.
 
     Control characters (including CR and LF) become spaces, so mail data can
     never inject a reply line; explicit multi-line replies are passed as a
-    list of lines instead.  ``%`` is doubled because libmilter formats it.
+    list of lines instead.  ``%`` is doubled: Sendmail uses a milter's reply
+    as a format string, and Postfix, for the same reason, turns ``%%`` back
+    into ``%`` and drops a lone one.
     """
     clean = _CTRL.sub(" ", text).replace("\t", " ").strip()
     clean = clean.replace("%", "%%")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from miltermonkey_core.testing.process import free_port
+from miltermonkey_core.testing.process import free_port, stop_popen
 
 
 def _toml_value(v: Any) -> str:
@@ -162,16 +161,10 @@ class MonkeyProcess:
         """SIGTERM, wait, then SIGKILL; returns the exit code."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        status = stop_popen(self.proc, timeout)
         if self._sockdir is not None:
             shutil.rmtree(self._sockdir, ignore_errors=True)
-        return self.proc.returncode
+        return status
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -46,6 +46,7 @@ from miltermonkey_core.testing.process import (
     grant_traverse,
     is_root,
     port_in_use,
+    stop_popen,
     tail,
     which,
 )
@@ -221,13 +222,7 @@ class ChildProcessPart(StackPart):
         proc = self._proc
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_popen(proc, self.stop_timeout, sig, kill_timeout=None)
         self._proc = None
         self._untrack()
 

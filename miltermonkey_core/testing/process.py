@@ -36,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "POLL_INTERVAL",
@@ -218,6 +219,25 @@ def kill_group(pgid: int, sig: signal.Signals) -> None:
         return
     for pid in group_members(pgid):
         send_signal(pid, sig)
+
+
+def stop_popen(proc: subprocess.Popen[Any], timeout: float,
+               sig: signal.Signals = signal.SIGTERM,
+               kill_timeout: float | None = 5.0) -> int | None:
+    """Signal a child we started, give it *timeout* to exit, then SIGKILL it.
+
+    Returns its exit status.  *kill_timeout* None waits for the killed child
+    however long the kernel takes to reap it.
+    """
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(kill_timeout)
+    return proc.returncode
 
 
 def terminate(pid: int, timeout: float, group: bool = False) -> None:
