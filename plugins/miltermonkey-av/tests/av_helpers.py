@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import smtplib
 import socket
 import threading
 import time
@@ -78,6 +79,20 @@ class LoggingClamd(Clamd):
             return []
         return [ln for ln in self.log_path.read_text(errors="replace").splitlines()
                 if "instream(" in ln]
+
+
+def smtp_data(postfix: Postfix, raw: bytes, timeout: float = 60) -> tuple[int, str]:
+    """One message through Postfix's SMTP port: the reply to the end of DATA."""
+    with smtplib.SMTP("127.0.0.1", postfix.smtp_port, local_hostname="client.test",
+                      timeout=timeout) as s:
+        s.ehlo()
+        assert s.mail("alice@example.org")[0] == 250
+        assert s.rcpt("bob@example.net")[0] == 250
+        try:
+            code, text = s.data(raw)
+        except smtplib.SMTPDataError as e:
+            code, text = e.smtp_code, e.smtp_error
+    return code, text.decode(errors="replace")
 
 
 def settle(directory: Path, seconds: float) -> None:

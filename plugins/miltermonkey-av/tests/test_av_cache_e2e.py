@@ -6,7 +6,6 @@ clamd whose signature directory the test changes and RELOADs.
 
 from __future__ import annotations
 
-import smtplib
 import uuid
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
@@ -16,7 +15,7 @@ from pathlib import Path
 import attrs
 import pytest
 import redis as redis_client
-from av_helpers import LoggingClamd, maillog_ids, reload_with, settle, unix
+from av_helpers import LoggingClamd, maillog_ids, reload_with, settle, smtp_data, unix
 from miltermonkey_av.testing import Clamd
 from miltermonkey_av.testing.samples import EICAR
 
@@ -35,17 +34,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.engines]
 SETTLE = 1.0
 
 
-def send(postfix: Postfix, raw: bytes) -> tuple[int, str]:
-    with smtplib.SMTP("127.0.0.1", postfix.smtp_port, local_hostname="client.test",
-                      timeout=60) as s:
-        s.ehlo()
-        assert s.mail("alice@example.org")[0] == 250
-        assert s.rcpt("bob@example.net")[0] == 250
-        try:
-            code, text = s.data(raw)
-        except smtplib.SMTPDataError as e:
-            code, text = e.smtp_code, e.smtp_error
-    return code, text.decode(errors="replace")
 
 
 @attrs.define
@@ -92,8 +80,8 @@ def test_a_signature_update_makes_a_cached_clean_message_be_scanned_again_and_re
     settle(c.db_dir, SETTLE)
 
     # Scanned once, then replayed: Postfix's own Received line differs, the key does not.
-    assert send(stack.postfix, raw)[0] == 250
-    assert send(stack.postfix, raw)[0] == 250
+    assert smtp_data(stack.postfix, raw)[0] == 250
+    assert smtp_data(stack.postfix, raw)[0] == 250
     delivered = stack.sink.wait_for(2)
     log("cached result replayed (continue")
     assert [ln.split("-> ", 1)[1] for ln in c.scans()] == ["instream(local): OK"]
@@ -104,7 +92,7 @@ def test_a_signature_update_makes_a_cached_clean_message_be_scanned_again_and_re
     assert took < 90
     settle(c.db_dir, SETTLE)  # past the settle window: the fingerprint alone forces the scan
 
-    code, text = send(stack.postfix, raw)
+    code, text = smtp_data(stack.postfix, raw)
     assert (code, text) == (550, f"5.7.1 Virus found: {name}.UNOFFICIAL")
     rejected = maillog_ids(stack.postfix, r"(\w+): milter-reject: END-OF-MESSAGE .*Virus found")
     assert len(rejected) == 1
@@ -170,10 +158,10 @@ def test_a_redis_entry_tampered_by_hand_is_refused_and_the_brain_runs(
     virus = _mail("virus", "Attached, as text:\n" + EICAR.decode() + "\n")
     client = redis_client.Redis.from_url(stack.redis.url)
 
-    assert send(stack.postfix, clean)[0] == 250
+    assert smtp_data(stack.postfix, clean)[0] == 250
     clean_keys = set(client.keys(PREFIX + b"*"))
     assert len(clean_keys) == 1
-    assert send(stack.postfix, virus)[0] == 550
+    assert smtp_data(stack.postfix, virus)[0] == 550
     virus_keys = set(client.keys(PREFIX + b"*")) - clean_keys
     assert len(virus_keys) == 1
     (clean_key,), (virus_key,) = clean_keys, virus_keys
@@ -182,7 +170,7 @@ def test_a_redis_entry_tampered_by_hand_is_refused_and_the_brain_runs(
 
     # 1. A valid "clean" entry, signature and all, copied over the virus's entry.
     client.set(virus_key, client.get(clean_key))
-    assert send(stack.postfix, virus)[0] == 550
+    assert smtp_data(stack.postfix, virus)[0] == 550
     stack.monkey.wait_for_log("has a bad signature")
     # not trusted: clamd was asked again (it logs the scan just after answering)
     assert wait_until(lambda: len(c.scans()) == scans + 1, 10, 0.05), c.scans()
@@ -191,7 +179,7 @@ def test_a_redis_entry_tampered_by_hand_is_refused_and_the_brain_runs(
     stored = client.get(virus_key)
     assert stored is not None and b"550" in stored
     client.set(virus_key, stored.replace(b"550", b"250", 1))
-    assert send(stack.postfix, virus)[0] == 550
+    assert smtp_data(stack.postfix, virus)[0] == 550
     assert wait_until(lambda: len(c.scans()) == scans + 2, 10, 0.05), c.scans()
     assert stack.monkey.log().count("has a bad signature") == 2
     assert "cached result replayed (reject" not in stack.monkey.log()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 import re
-import smtplib
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from typing import Any
@@ -25,6 +24,7 @@ from av_helpers import (
     maillog_ids,
     make_brain,
     settle,
+    smtp_data,
     tcp,
     unix,
 )
@@ -341,16 +341,7 @@ class Stack:
     monkey: MonkeyProcess
 
     def send(self, raw: bytes) -> tuple[int, str]:
-        with smtplib.SMTP("127.0.0.1", self.postfix.smtp_port, local_hostname="client.test",
-                          timeout=120) as s:
-            s.ehlo()
-            assert s.mail("alice@example.org")[0] == 250
-            assert s.rcpt("bob@example.net")[0] == 250
-            try:
-                code, text = s.data(raw)
-            except smtplib.SMTPDataError as e:
-                code, text = e.smtp_code, e.smtp_error
-        return code, text.decode(errors="replace")
+        return smtp_data(self.postfix, raw, timeout=120)
 
 
 @pytest.fixture(scope="module")
