@@ -81,13 +81,22 @@ class LoggingClamd(Clamd):
                 if "instream(" in ln]
 
 
-def smtp_data(postfix: Postfix, raw: bytes, timeout: float = 60) -> tuple[int, str]:
-    """One message through Postfix's SMTP port: the reply to the end of DATA."""
+def smtp_data(postfix: Postfix, raw: bytes, timeout: float = 60, client: str | None = None,
+              sender: str = "alice@example.org",
+              rcpts: Sequence[str] = ("bob@example.net",)) -> tuple[int, str]:
+    """One message through Postfix's SMTP port: the reply to the end of DATA.
+
+    ``client`` is a loopback source address (Postfix's access rules key on it).
+    """
+    source = None if client is None else (client, 0)
     with smtplib.SMTP("127.0.0.1", postfix.smtp_port, local_hostname="client.test",
-                      timeout=timeout) as s:
+                      timeout=timeout, source_address=source) as s:
         s.ehlo()
-        assert s.mail("alice@example.org")[0] == 250
-        assert s.rcpt("bob@example.net")[0] == 250
+        code, text = s.mail(sender)
+        assert code == 250, text
+        for rcpt in rcpts:
+            code, text = s.rcpt(rcpt)
+            assert code == 250, text
         try:
             code, text = s.data(raw)
         except smtplib.SMTPDataError as e:

@@ -15,14 +15,13 @@ from __future__ import annotations
 import email
 import email.policy
 import re
-import smtplib
 from collections.abc import Iterator
 from email.message import EmailMessage
 from typing import Any
 
 import attrs
 import pytest
-from av_helpers import tcp, unix
+from av_helpers import smtp_data, tcp, unix
 from miltermonkey_av.testing import Clamd
 from miltermonkey_av.testing import samples as av_samples
 
@@ -47,20 +46,7 @@ class Stack:
              rcpts: tuple[str, ...] = ("bob@example.net",)) -> tuple[int, str]:
         """Send from ``client`` (a loopback source address); return the final reply."""
         payload = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        with smtplib.SMTP("127.0.0.1", self.postfix.smtp_port, local_hostname="client.test",
-                          timeout=60, source_address=(client, 0)) as s:
-            s.ehlo()
-            text: bytes | str
-            code, text = s.mail(sender)
-            assert code == 250, text
-            for r in rcpts:
-                code, text = s.rcpt(r)
-                assert code == 250, text
-            try:
-                code, text = s.data(payload)
-            except smtplib.SMTPDataError as e:
-                code, text = e.smtp_code, e.smtp_error
-        return code, text.decode(errors="replace") if isinstance(text, bytes) else text
+        return smtp_data(self.postfix, payload, client=client, sender=sender, rcpts=rcpts)
 
     def delivered(self, count: int) -> list[SinkMessage]:
         return [parse_dump(p) for p in self.sink.wait_for(count, timeout=30)]
