@@ -57,7 +57,7 @@ from miltermonkey_av.notices import (
 )
 from miltermonkey_av.options import AntiVirusOptions
 from miltermonkey_av.result import LIMITS_PREFIX, ScanResult, Status
-from miltermonkey_av.stream import BodyStream, Streamer
+from miltermonkey_av.stream import BodyStream, Streamer, StreamStopped
 from miltermonkey_core import (
     Brain,
     Capability,
@@ -326,6 +326,12 @@ class AntiVirusBrain(Brain):
             return None
         try:
             stream.end()
+        except StreamStopped as e:
+            # clamd refused the stream (its size limit) after the last body chunk's
+            # check: as when the body hook sees it, the usual scan decides.
+            monkey.log(50, "stream to clamd stopped: %s; scanning at end of data", e)
+            stream.close()
+            return None
         except ScanError as e:
             self._stream_failed(stream, monkey, e)
             return None

@@ -38,7 +38,7 @@ from miltermonkey_av.options import AntiVirusOptions
 from miltermonkey_av.result import ScanResult
 from miltermonkey_core import Connection, Message
 
-__all__ = ["BodyStream", "StreamNote", "Streamer"]
+__all__ = ["BodyStream", "StreamNote", "StreamStopped", "Streamer"]
 
 _END = b"\0\0\0\0"
 

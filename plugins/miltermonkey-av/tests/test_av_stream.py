@@ -10,8 +10,10 @@ real Postfix and the daemon.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
+import socket
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from typing import Any
@@ -28,8 +30,8 @@ from av_helpers import (
     tcp,
     unix,
 )
-from miltermonkey_av.brain import AntiVirusBrain
-from miltermonkey_av.stream import StreamNote
+from miltermonkey_av.brain import AntiVirusBrain, ClamdEngine
+from miltermonkey_av.stream import BodyStream, StreamNote
 from miltermonkey_av.testing import EICAR, Clamd
 from miltermonkey_av.testing import samples as av_samples
 
@@ -302,6 +304,31 @@ def test_clamds_stream_limit_stops_the_stream_and_the_usual_path_decides(
     decision = feed.eom()
     assert decision.action is Action.ACCEPT
     assert header(decision, "X-Virus-Status") == "Unscanned (too large)"
+
+
+def test_clamds_stream_limit_seen_only_at_the_terminator_goes_the_usual_path_too(
+        make_clamd: Callable[..., Clamd], caplog: pytest.LogCaptureFixture) -> None:
+    """clamd's refusal can land after the last body chunk's check: the terminator meets
+    it.  The oversize policy decides then too, never the failure policy."""
+    small = make_clamd(SmallStreamClamd)  # StreamMaxLength 1M: the scan at eom is refused
+    brain = make_brain(clamd=[unix(small)], cache_ttl=0, oversize_action="reject")
+    assert isinstance(brain.engine, ClamdEngine)
+    m = message_from_bytes(big_message(2 * MIB), queue_id="Q1")
+    ours, clamds = socket.socketpair()
+    clamds.sendall(b"INSTREAM size limit exceeded. ERROR\0")
+    clamds.close()  # clamd answers early only to refuse, then hangs up
+    stream = BodyStream(brain.engine.pool.slots[0].client, ours, 5.0,
+                        hashlib.sha256(m.header_bytes()).digest(), sent=m.size)
+    m.notes[brain.name] = StreamNote(stream=stream)
+    ctx = MilterContext(m, Capability.ALL)
+    with caplog.at_level(5):
+        brain.eom_process(m, ctx, brain.monkey)
+    assert stream.sock is None  # closed
+    assert log_lines(caplog, "answered before the end: INSTREAM size limit exceeded")
+    assert ctx.verdict is not None and ctx.verdict.action is Action.REJECT
+    assert ctx.verdict.reply is not None and ctx.verdict.reply.code == 552
+    assert log_lines(caplog, "StreamMaxLength")
+    m.close()
 
 
 def test_a_stream_that_is_not_exactly_the_message_is_dropped(
